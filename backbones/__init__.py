@@ -1,0 +1,30 @@
+"""Vision Mamba backbones on one selective-scan core.
+
+Importing this package registers every variant with timm, so ``timm.create_model(name)`` works for
+all of them; ``create_backbone`` is the same with a clear error for unknown names.
+"""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from . import vmamba
+from .ssm import selective_scan
+
+__all__ = ["create_backbone", "list_backbones", "selective_scan"]
+
+_FAMILY_MODULES = (vmamba,)
+
+
+def list_backbones() -> list[str]:
+    """Names of every backbone this package registers (also their ``conf/backbone`` names)."""
+    return sorted(name for module in _FAMILY_MODULES for name in timm.list_models(module=module.__name__.split(".")[-1]))
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    """Build a registered backbone by name; unknown names list the valid choices."""
+    names = list_backbones()
+    if name not in names:
+        raise ValueError(f"unknown backbone {name!r}; available backbones: {', '.join(names)}")
+    return timm.create_model(name, **kwargs)

@@ -1,0 +1,149 @@
+"""The shared selective-state-space layers: per-route SSM parameters and the SS2D mixer."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .scan_patterns import CrossScan, ScanPattern
+from .ssm import selective_scan
+
+
+def resolve_dt_rank(dt_rank: Union[int, str], d_model: int) -> int:
+    """Mamba's ``dt_rank="auto"`` rule: ceil(d_model / 16)."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+class RouteSSM(nn.Module):
+    """K independent selective-scan parameter sets applied to K route sequences in one scan call.
+
+    Each route k has its own input projection to (dt, B, C), its own low-rank dt projection and
+    bias, its own A (S4D-real init) and skip D. Storing them stacked with a leading K axis makes the
+    projections one einsum each and lets the K routes run as the groups of a single grouped
+    selective scan -- the layout VMamba's checkpoints use.
+
+    Args:
+        d_inner: channels per route.
+        num_routes: K, the number of routes (and of parameter sets).
+        d_state: N, the SSM state size per channel.
+        dt_rank: rank of the dt projection.
+        dt_min, dt_max: range of the initial step size (log-uniform).
+        dt_init_floor: smallest initial step size.
+        dt_scale: scale of the dt projection's uniform init.
+        scan_backend: selective-scan backend (see ``backbones.ssm``).
+    """
+
+    def __init__(self, d_inner: int, num_routes: int, d_state: int, dt_rank: int, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+                 scan_backend: str = "auto") -> None:
+        super().__init__()
+        self.d_inner, self.num_routes, self.d_state, self.dt_rank = d_inner, num_routes, d_state, dt_rank
+        self.scan_backend = scan_backend
+        self.x_proj_weight = nn.Parameter(torch.empty(num_routes, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(num_routes, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(num_routes, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(num_routes * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(num_routes * d_inner))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        self.reset_parameters(dt_min, dt_max, dt_init_floor, dt_scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                         dt_scale: float = 1.0) -> None:
+        """Mamba's initialisation, all in one place.
+
+        x_proj as nn.Linear would be; dt_proj weight uniform in +-dt_rank^-0.5; dt bias the inverse
+        softplus of a step drawn log-uniformly in [dt_min, dt_max]; A = -(1..N) (S4D-real); D = 1.
+        """
+        bound = self.d_inner ** -0.5
+        self.x_proj_weight.uniform_(-bound, bound)
+        dt_bound = self.dt_rank ** -0.5 * dt_scale
+        self.dt_projs_weight.uniform_(-dt_bound, dt_bound)
+        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        states = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        """(batch, K, d_inner, length) -> (batch, K, d_inner, length)."""
+        batch, routes, channels, length = xs.shape
+        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        ys = selective_scan(
+            xs.reshape(batch, routes * channels, length),
+            dts.reshape(batch, routes * channels, length),
+            -torch.exp(self.A_logs.float()),
+            Bs.contiguous(),
+            Cs.contiguous(),
+            D=self.Ds,
+            delta_bias=self.dt_projs_bias.flatten(),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return ys.reshape(batch, routes, channels, length)
+
+
+class SS2D(nn.Module):
+    """2-D selective scan mixer with VMamba's parameterisation, on channels-last maps.
+
+    in_proj -> (optional z split) -> depthwise conv -> act -> scan pattern -> RouteSSM -> merge ->
+    out_norm -> (times silu(z)) -> out_proj. The released VMamba v2 models drop the z gate
+    (``gated=False``); the vanilla v0 models keep it.
+
+    Args:
+        d_model: input/output channels.
+        d_state: SSM state size N.
+        ssm_ratio: expansion of the inner width (d_inner = ssm_ratio * d_model).
+        dt_rank: rank of the dt projection, or "auto" for ceil(d_model / 16).
+        d_conv: depthwise conv kernel size; below 2 disables the conv.
+        conv_bias: whether the depthwise conv has a bias.
+        gated: keep Mamba's multiplicative z branch.
+        act_layer: activation after the depthwise conv.
+        norm_layer: normalisation of the merged scan output.
+        pattern: how the map is scanned; VMamba's 4-route cross scan by default.
+        dropout: dropout after out_proj.
+        scan_backend: selective-scan backend.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank: Union[int, str] = "auto",
+                 d_conv: int = 3, conv_bias: bool = True, gated: bool = True,
+                 act_layer: Callable[[], nn.Module] = nn.SiLU,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, pattern: Optional[ScanPattern] = None,
+                 dropout: float = 0.0, scan_backend: str = "auto") -> None:
+        super().__init__()
+        d_inner = int(ssm_ratio * d_model)
+        self.gated = gated
+        self.in_proj = nn.Linear(d_model, 2 * d_inner if gated else d_inner, bias=False)
+        self.conv2d = (nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
+                                 bias=conv_bias) if d_conv > 1 else None)
+        self.act = act_layer()
+        self.pattern = pattern if pattern is not None else CrossScan()
+        self.ssm = RouteSSM(d_inner, self.pattern.num_routes, d_state, resolve_dt_rank(dt_rank, d_model),
+                            scan_backend=scan_backend)
+        self.out_norm = norm_layer(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(batch, height, width, d_model) -> same shape."""
+        height, width = x.shape[1:3]
+        x = self.in_proj(x)
+        if self.gated:
+            x, z = x.chunk(2, dim=-1)
+        x = x.permute(0, 3, 1, 2)
+        if self.conv2d is not None:
+            x = self.conv2d(x)
+        x = self.act(x)
+        y = self.pattern.merge(self.ssm(self.pattern.scan(x)), (height, width))
+        y = self.out_norm(y.permute(0, 2, 3, 1))
+        if self.gated:
+            y = y * F.silu(z)
+        return self.dropout(self.out_proj(y))

@@ -1,0 +1,37 @@
+"""An independent float64 sequential selective scan, written from the recurrence, for parity tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Step-by-step float64 evaluation of h_t = exp(dt A) h + dt B u, y = C h + D u (times silu z)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, channels, length = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = torch.where(delta > 20, delta, torch.log1p(torch.exp(delta)))
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    per_group = channels // groups
+    y = torch.zeros(batch, channels, length, dtype=torch.float64)
+    for b in range(batch):
+        for d in range(channels):
+            g = d // per_group
+            Bd = B[b] if B.dim() == 3 else B[b, g]
+            Cd = C[b] if C.dim() == 3 else C[b, g]
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            for t in range(length):
+                dt = delta[b, d, t]
+                h = torch.exp(dt * A[d]) * h + dt * Bd[:, t] * u[b, d, t]
+                out = (Cd[:, t] * h).sum()
+                if D is not None:
+                    out = out + D[d].double() * u[b, d, t]
+                if z is not None:
+                    zt = z[b, d, t].double()
+                    out = out * zt / (1 + math.exp(-zt))
+                y[b, d, t] = out
+    return y
