@@ -22,7 +22,8 @@ Backends:
 - ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable, else ``torch``.
 
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
-float32; the output is returned in the dtype of ``u``.
+at least float32 (float64 inputs stay float64, so gradcheck is exact); the output is returned in the
+dtype of ``u``.
 """
 
 from __future__ import annotations
@@ -74,26 +75,33 @@ def _expand_groups(BC: Tensor, channels: int) -> Tensor:
     return BC.unsqueeze(2).expand(b, g, channels // g, n, l).reshape(b, channels, n, l)
 
 
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """The dtype the scan accumulates in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(u.dtype, torch.float32)
+
+
 def _discretize(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Optional[Tensor],
                 delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """Return the per-step decay exp(delta*A) and input delta*B*u, both (b, d, n, l) float32."""
-    delta = delta.float()
+    """Return the per-step decay exp(delta*A) and input delta*B*u, both (b, d, n, l) in compute dtype."""
+    dtype = compute_dtype(u)
+    delta = delta.to(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    decay = torch.exp(delta.unsqueeze(2) * A.float()[None, :, :, None])
-    drive = (delta * u.float()).unsqueeze(2) * _expand_groups(B.float(), u.shape[1])
+    decay = torch.exp(delta.unsqueeze(2) * A.to(dtype)[None, :, :, None])
+    drive = (delta * u.to(dtype)).unsqueeze(2) * _expand_groups(B.to(dtype), u.shape[1])
     return decay, drive
 
 
 def _readout(states: Tensor, u: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
     """y = sum_n C*h (+ D*u) (* silu(z)), returned in the dtype of ``u``."""
-    y = (states * _expand_groups(C.float(), u.shape[1])).sum(2)
+    dtype = states.dtype
+    y = (states * _expand_groups(C.to(dtype), u.shape[1])).sum(2)
     if D is not None:
-        y = y + D.float()[:, None] * u.float()
+        y = y + D.to(dtype)[:, None] * u.to(dtype)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(dtype))
     return y.to(u.dtype)
 
 
