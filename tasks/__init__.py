@@ -1,1 +1,5 @@
-"""tasks package."""
+"""LightningModules, one per task, plus the optimisation and run-artefact helpers they share."""
+
+from .classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]

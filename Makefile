@@ -1,0 +1,52 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use, install the known-good CPU recipe plus this project, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mambalab-installed
+ARCH := $(shell uname -m)
+# torch/torchvision pairs known to install and run on CPU here (x86_64 wheels come from local disk).
+ifeq ($(ARCH),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install demo test test-slow test-all lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+# Fashion-MNIST ships in Debian's dataset-fashion-mnist; install it where apt exists and we may.
+$(FASHION_MNIST):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST: no apt-get as root here; run.py will look in data/ or use torchvision's downloader"; \
+	fi
+
+demo: $(STAMP) $(FASHION_MNIST)
+	$(PY) run.py
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache

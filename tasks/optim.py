@@ -1,0 +1,47 @@
+"""Optimiser parameter groups and learning-rate schedules shared by every task."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups_weight_decay(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Split parameters into decayed and non-decayed groups.
+
+    No decay on norms and biases (every parameter with fewer than two dimensions), on parameters
+    flagged ``_no_weight_decay`` (the SSM's A_logs and Ds) and on names a module lists in
+    ``no_weight_decay()`` (position embeddings, class tokens).
+    """
+    decay, no_decay = [], []
+    for module in modules:
+        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim <= 1 or getattr(param, "_no_weight_decay", False) or name in skip:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, warmup_fraction: float = 0.0,
+                  min_lr_ratio: float = 0.01) -> LambdaLR:
+    """Linear warm-up from ~0 to the base rate, then cosine decay to ``min_lr_ratio`` of it, per step.
+
+    The warm-up length is ``warmup_steps`` or, when that is 0, ``warmup_fraction`` of all steps.
+    """
+    warmup = warmup_steps or int(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
