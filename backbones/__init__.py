@@ -9,17 +9,18 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from . import vmamba
+from . import efficientvmamba, msvmamba, vmamba
 from .ssm import selective_scan
 
 __all__ = ["create_backbone", "list_backbones", "selective_scan"]
 
-_FAMILY_MODULES = (vmamba,)
+_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba)
 
 
 def list_backbones() -> list[str]:
     """Names of every backbone this package registers (also their ``conf/backbone`` names)."""
-    return sorted(name for module in _FAMILY_MODULES for name in timm.list_models(module=module.__name__.split(".")[-1]))
+    families = (module.__name__.rsplit(".", 1)[-1] for module in _FAMILY_MODULES)
+    return sorted(name for family in families for name in timm.list_models(module=family))
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:

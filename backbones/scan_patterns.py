@@ -6,15 +6,18 @@ A pattern is a small stateless module with two methods that are each other's adj
 - ``merge(y, spatial)``: (batch, K, channels, length) -> (batch, channels, *spatial)
 
 Everything that differs between families' 2-D selective scans (VMamba's cross scan, Vim's
-bidirectional 1-D scan, EfficientVMamba's atrous scan, GroupMamba's one direction per group) is a
-pattern; the selective-scan parameters and the SS2D module around them stay the same.
+bidirectional 1-D scan, EfficientVMamba's atrous scan, GroupMamba's one direction per group,
+MSVMamba's joined half-resolution routes) is a pattern; the selective-scan parameters and the SS2D
+module around them stay the same.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -71,3 +74,89 @@ class BidirectionalScan(ScanPattern):
 
     def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
         return 0.5 * (y[:, 0] + y[:, 1].flip(-1))
+
+
+class AtrousScan(ScanPattern):
+    """EfficientVMamba's atrous selective scan (ES2D, step 2).
+
+    The map is zero-padded at the bottom/right to even height and width and split into its four 2x2
+    polyphase sub-grids; each sub-grid is one route of length ceil(H/2) * ceil(W/2), in the order
+    the official checkpoints index their parameters:
+
+    0. even rows, even columns, row-major
+    1. odd rows, even columns, column-major
+    2. even rows, odd columns, row-major
+    3. odd rows, odd columns, column-major
+
+    Every pixel is scanned exactly once, so ``merge`` scatters each route back to its own pixels
+    (no summation) and crops the padding. The routes are a quarter as long as a cross scan's, which
+    is where the model's savings come from.
+    """
+
+    num_routes = 4
+
+    def scan(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        x = F.pad(x, (0, width % 2, 0, height % 2))
+        grid = x.reshape(batch, channels, (height + 1) // 2, 2, (width + 1) // 2, 2)
+        routes = (grid[:, :, :, 0, :, 0], grid[:, :, :, 1, :, 0].transpose(2, 3),
+                  grid[:, :, :, 0, :, 1], grid[:, :, :, 1, :, 1].transpose(2, 3))
+        return torch.stack([route.flatten(2) for route in routes], dim=1)
+
+    def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        height, width = spatial
+        rows, cols = (height + 1) // 2, (width + 1) // 2
+        batch, _, channels, _ = y.shape
+        even_even = y[:, 0].reshape(batch, channels, rows, cols)
+        odd_even = y[:, 1].reshape(batch, channels, cols, rows).transpose(2, 3)
+        even_odd = y[:, 2].reshape(batch, channels, rows, cols)
+        odd_odd = y[:, 3].reshape(batch, channels, cols, rows).transpose(2, 3)
+        # (b, c, rows, 2, cols, 2): index [i, p, j, q] is pixel (2i + p, 2j + q).
+        even_rows = torch.stack((even_even, even_odd), dim=-1)
+        odd_rows = torch.stack((odd_even, odd_odd), dim=-1)
+        grid = torch.stack((even_rows, odd_rows), dim=3)
+        return grid.reshape(batch, channels, 2 * rows, 2 * cols)[:, :, :height, :width]
+
+
+class RouteConcat(ScanPattern):
+    """Some routes of another pattern joined end to end into ONE route.
+
+    MSVMamba scans three directions of its half-resolution map as one long sequence with a single
+    parameter set, so the state carries over from one direction into the next.
+
+    The inner pattern only says which pixel each route position reads: scanning a map of pixel
+    numbers gives those indices, so ``scan`` is a single gather of the chosen routes and ``merge``
+    its adjoint, a single scatter-add (for sum-merging patterns such as ``CrossScan`` this is the
+    inner merge of just the chosen routes). Positions the inner pattern fills with padding read zero.
+
+    Args:
+        pattern: a pattern whose routes gather pixels (each route value is one pixel or padding).
+        routes: indices of the inner routes, in sequence order.
+    """
+
+    num_routes = 1
+
+    def __init__(self, pattern: ScanPattern, routes: Sequence[int]) -> None:
+        super().__init__()
+        if not routes or len(set(routes)) != len(routes) or not all(0 <= r < pattern.num_routes for r in routes):
+            raise ValueError(f"routes must be distinct indices below {pattern.num_routes}, got {routes}")
+        self.pattern = pattern
+        self.routes = tuple(routes)
+
+    def _sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
+        """Pixel index + 1 read by each position of the joined route (0 = padding), shape (length,)."""
+        numbers = torch.arange(1, math.prod(spatial) + 1, device=device).reshape(1, 1, *spatial)
+        return self.pattern.scan(numbers)[0, list(self.routes), 0].flatten()
+
+    def scan(self, x: Tensor) -> Tensor:
+        flat = F.pad(x.flatten(2), (1, 0))
+        return flat.index_select(2, self._sources(x.shape[2:], x.device)).unsqueeze(1)
+
+    def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        batch, _, channels, _ = y.shape
+        out = y.new_zeros(batch, channels, math.prod(spatial) + 1)
+        out = out.index_add(2, self._sources(spatial, y.device), y[:, 0])
+        return out[:, :, 1:].reshape(batch, channels, *spatial)
+
+    def extra_repr(self) -> str:
+        return f"routes={self.routes}"

@@ -71,24 +71,34 @@ class RouteSSM(nn.Module):
         self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
-    def forward(self, xs: Tensor) -> Tensor:
-        """(batch, K, d_inner, length) -> (batch, K, d_inner, length)."""
-        batch, routes, channels, length = xs.shape
-        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+    def forward(self, xs: Tensor, routes: slice = slice(None)) -> Tensor:
+        """(batch, K', d_inner, length) -> same shape.
+
+        ``routes`` picks the K' parameter sets the input routes use (all K by default). Route groups
+        of different lengths (e.g. a full- and a half-resolution scan) thus share one stacked
+        parameter layout and run as separate calls.
+        """
+        batch, num_routes, channels, length = xs.shape
+        A_logs = self.A_logs.view(self.num_routes, self.d_inner, self.d_state)[routes].flatten(0, 1)
+        Ds = self.Ds.view(self.num_routes, self.d_inner)[routes].flatten()
+        if A_logs.shape[0] != num_routes * channels:
+            raise ValueError(f"got {num_routes} routes of {channels} channels for parameter sets {routes} "
+                             f"of a RouteSSM with {self.num_routes} routes of {self.d_inner} channels")
+        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight[routes])
         dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight[routes])
         ys = selective_scan(
-            xs.reshape(batch, routes * channels, length),
-            dts.reshape(batch, routes * channels, length),
-            -torch.exp(self.A_logs.float()),
+            xs.reshape(batch, num_routes * channels, length),
+            dts.reshape(batch, num_routes * channels, length),
+            -torch.exp(A_logs.float()),
             Bs.contiguous(),
             Cs.contiguous(),
-            D=self.Ds,
-            delta_bias=self.dt_projs_bias.flatten(),
+            D=Ds,
+            delta_bias=self.dt_projs_bias[routes].flatten(),
             delta_softplus=True,
             backend=self.scan_backend,
         )
-        return ys.reshape(batch, routes, channels, length)
+        return ys.reshape(batch, num_routes, channels, length)
 
 
 class SS2D(nn.Module):

@@ -12,15 +12,15 @@ channel-first ``Linear2d``/``LayerNorm2d`` are plain ``nn.Linear``/``nn.LayerNor
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._features import HierarchicalFeaturesMixin
+from .layers import LayerNorm2d
 from .ss2d import SS2D
 
 __all__ = ["VMamba", "VSSBlock"]

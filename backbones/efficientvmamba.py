@@ -1,0 +1,272 @@
+"""EfficientVMamba: atrous scan + conv branch early, inverted residuals late (TerryPei/EfficientVMamba).
+
+The first two stages (high resolution, where short routes save the most) use EVSS blocks: an SS2D
+whose four routes are the four 2x2 sub-grids of the map (``AtrousScan``, ES2D), so each route is a
+quarter as long as a cross-scan route, plus a parallel depthwise-conv branch; ONE channel-attention
+module (``BiAttn``, shared weights) gates both branches before they are added. The last two stages
+are MobileNetV2 inverted residuals with squeeze-excite.
+
+Key layout: ``OFFICIAL_KEY_RULES`` and ``checkpoint_filter_fn`` turn the released checkpoints into this
+module's names (official stage i ends with its downsample, ours starts stage i + 1 with it).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple, Union
+
+import torch
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+from torch import Tensor, nn
+
+from .layers import LayerNorm2d
+from .scan_patterns import AtrousScan
+from .ss2d import SS2D
+from .vmamba import PatchEmbed, PatchMerging, VMamba, VSSStage
+
+__all__ = ["BiAttn", "EfficientVMamba", "EVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn"]
+
+
+class BiAttn(nn.Module):
+    """Channel attention on channels-last maps: LayerNorm -> spatial mean -> fc -> GELU -> fc -> sigmoid.
+
+    The gate is computed from the normalised input and scales the un-normalised input.
+    """
+
+    def __init__(self, channels: int, ratio: float = 0.125) -> None:
+        super().__init__()
+        hidden = int(channels * ratio)
+        self.norm = nn.LayerNorm(channels)
+        self.global_reduce = nn.Linear(channels, hidden)
+        self.act = nn.GELU()
+        self.channel_select = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.norm(x).mean(dim=(1, 2), keepdim=True)
+        return x * torch.sigmoid(self.channel_select(self.act(self.global_reduce(pooled))))
+
+
+class EVSSBlock(nn.Module):
+    """x + DropPath(attn(ES2D(n)) + attn(conv_branch(n))) with n = norm1(x) and ONE shared ``attn``.
+
+    The SSM branch gives global context from a sparse (atrous) scan; the conv branch
+    (depthwise 3x3 -> BatchNorm -> GELU -> 1x1) restores the local detail that skipping pixels loses.
+
+    Args:
+        dim: channels.
+        drop_path: stochastic-depth rate of the residual branch.
+        norm_layer: channels-last normalisation.
+        **ssm_kwargs: passed to ``SS2D`` (whose scan pattern is ``AtrousScan``).
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 **ssm_kwargs) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.mixer = SS2D(dim, pattern=AtrousScan(), **ssm_kwargs)
+        self.conv_branch = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.BatchNorm2d(dim), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.attn = BiAttn(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(batch, height, width, dim) -> same shape."""
+        normed = self.norm1(x)
+        local = self.conv_branch(normed.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.drop_path(self.attn(self.mixer(normed)) + self.attn(local))
+
+
+class ConvStage(nn.Module):
+    """Optional downsample, then NCHW conv blocks (the inverted-residual stages)."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class EfficientVMamba(VMamba):
+    """EfficientVMamba image classifier / backbone (timm model API).
+
+    Shares VMamba's model surface (stem, NCHW stages, final norm, head, features, weight-decay
+    names, grad checkpointing); only the stages differ, so only construction is defined here.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 gives pooled features.
+        depths: blocks per stage.
+        dims: channels per stage, or the first stage's (doubled per stage).
+        num_ssm_stages: how many leading stages use EVSS blocks; the rest use inverted residuals.
+        d_state: SSM state size.
+        ssm_ratio: ES2D inner width as a multiple of the stage width.
+        dt_rank: dt projection rank or "auto".
+        ir_expand_ratio: inverted-residual expansion.
+        ir_se_ratio: inverted-residual squeeze-excite reduction, relative to the expanded width.
+        stem_layer: ``(in_chans, dim) -> module`` for the stride-4 stem.
+        downsample_layer: ``(dim, out_dim) -> module`` between stages.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, increasing linearly over all blocks.
+        global_pool: "avg" or "" (no pooling).
+        scan_backend: selective-scan backend for every ES2D.
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 4, 2),
+                 dims: Union[int, Sequence[int]] = 48, num_ssm_stages: int = 2, d_state: int = 16,
+                 ssm_ratio: float = 2.0, dt_rank: Union[int, str] = "auto", ir_expand_ratio: float = 4.0,
+                 ir_se_ratio: float = 0.125, stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
+                 downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto") -> None:
+        super(VMamba, self).__init__()  # VMamba's constructor builds VSS stages; ours builds EVSS/IR stages.
+        if isinstance(dims, int):
+            dims = [dims * 2 ** i for i in range(len(depths))]
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.drop_rate = drop_rate
+        self.stem = stem_layer(in_chans, dims[0])
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear, meta-safe
+        ssm_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, gated=True, scan_backend=scan_backend)
+        se_layer = partial(SqueezeExcite, rd_ratio=ir_se_ratio)
+        stages, self.feature_info = [], []
+        for i, dim in enumerate(dims):
+            downsample = downsample_layer(dims[i - 1], dim) if i else nn.Identity()
+            stage_rates = rates[sum(depths[:i]): sum(depths[:i + 1])]
+            if i < num_ssm_stages:
+                stages.append(VSSStage(downsample, [EVSSBlock(dim, rate, **ssm_kwargs) for rate in stage_rates]))
+            else:
+                blocks = [InvertedResidual(dim, dim, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU, se_layer=se_layer,
+                                           drop_path_rate=rate) for rate in stage_rates]
+                stages.append(ConvStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = LayerNorm2d(dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+
+# Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
+# Official EVSS stages are ``layers.i.{blocks,downsample}``; the inverted-residual stages are flat
+# sequences ``layers.i.{0: permute, 1..depth: blocks, depth + 1: permute, depth + 2: downsample}``.
+_Rules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
+OFFICIAL_KEY_RULES: _Rules = [
+    (r"^patch_embed\.0\.", "stem.proj."),
+    (r"^patch_embed\.2\.", "stem.norm."),
+    (r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample."),
+    (r"^layers\.(\d+)\.\d+\.(reduction|norm)\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}."),
+    (r"^layers\.(\d+)\.(\d+)\.(?=conv_pw|conv_dw|se\.)", lambda m: f"stages.{m[1]}.blocks.{int(m[2]) - 1}."),
+    (r"\.conv_pw\.0\.", ".conv_pw."),
+    (r"\.conv_pw\.1\.", ".bn1."),
+    (r"\.conv_dw\.0\.", ".conv_dw."),
+    (r"\.conv_dw\.1\.", ".bn2."),
+    (r"\.conv_pw2\.0\.", ".conv_pwl."),
+    (r"\.conv_pw2\.1\.", ".bn3."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm1."),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
+    (r"\.op\.", ".mixer."),
+    (r"(\.blocks\.\d+)\.se\.(norm|global_reduce|channel_select)\.", r"\1.attn.\2."),
+    (r"^classifier\.norm\.", "norm."),
+    (r"^classifier\.head\.", "head."),
+]
+
+
+def _unwrap(checkpoint: Dict) -> Dict[str, Tensor]:
+    """The state dict inside a checkpoint (``state_dict`` / ``model`` / ``state_dict_ema``), unprefixed.
+
+    The released checkpoints come from a DDP-wrapped trainer, hence the (repeated) ``module.`` prefixes.
+    """
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
+
+
+def rename_official_key(key: str) -> str:
+    """One official key in our layout, using ``OFFICIAL_KEY_RULES``."""
+    for pattern, replacement in OFFICIAL_KEY_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
+    """Convert a released EfficientVMamba checkpoint to this module's keys (no shape changes needed).
+
+    A state dict already in our layout passes through unchanged.
+    """
+    state_dict = _unwrap(state_dict)
+    if any(k.startswith("stem.") for k in state_dict):
+        return state_dict
+    return {rename_official_key(k): v for k, v in state_dict.items()}
+
+
+def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(EfficientVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "first_conv": "stem.proj", "classifier": "head",
+        # README: "released under the Apache 2.0 license" (the repository has no LICENSE file).
+        "license": "apache-2.0", "paper_ids": "arXiv:2403.09977", **kwargs,
+    }
+
+
+_HF = "https://huggingface.co/TerryPei/EfficientVMamba-"
+default_cfgs = generate_default_cfgs({
+    # Released weights live in the Hugging Face repos below; their file names are not recorded, so no
+    # download source is set: fetch the file by hand and convert it with ``checkpoint_filter_fn``.
+    # The released models were trained with drop_path_rate 0.1 (v1.0.0 training logs); the repo yamls say 0.2.
+    "efficientvmamba_tiny.in1k": _cfg(origin_url=_HF + "Tiny"),
+    "efficientvmamba_small.in1k": _cfg(origin_url=_HF + "Small"),
+    "efficientvmamba_base.in1k": _cfg(origin_url=_HF + "Base"),
+    "test_efficientvmamba.untrained": _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
+})
+
+
+@register_model
+def efficientvmamba_tiny(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    """EfficientVMamba-T: 6.494 M parameters (official training log), 76.5 % top-1."""
+    args = dict(depths=(2, 2, 4, 2), dims=48, drop_path_rate=0.1)
+    return _create_efficientvmamba("efficientvmamba_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def efficientvmamba_small(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    """EfficientVMamba-S: 11.274 M parameters (official training log), 78.7 % top-1.
+
+    Matches the released model (dims 64, as printed in ``log_efficient_vmamba_small.txt``), not the
+    repository's ``vssm_efficient_small.yaml``, which says EMBED_DIM 96 (a 24.76 M model).
+    """
+    args = dict(depths=(2, 2, 4, 2), dims=64, drop_path_rate=0.1)
+    return _create_efficientvmamba("efficientvmamba_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def efficientvmamba_base(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    """EfficientVMamba-B: 33.717 M parameters (official training log), 81.8 % top-1."""
+    args = dict(depths=(2, 2, 9, 2), dims=96, drop_path_rate=0.1)
+    return _create_efficientvmamba("efficientvmamba_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_efficientvmamba(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+    """Smallest EfficientVMamba for tests (timm's ``test_*`` convention)."""
+    args = dict(depths=(1, 1, 1, 1), dims=8, d_state=2, drop_path_rate=0.0)
+    return _create_efficientvmamba("test_efficientvmamba", pretrained, **dict(args, **kwargs))
