@@ -8,15 +8,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 log = logging.getLogger("mambalab")
 
@@ -30,11 +31,27 @@ def instantiate_group(config: Optional[DictConfig]) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in config.values() if entry and "_target_" in entry]
 
 
+def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], dict]]:
+    """What the backbone is built to return for this head, and what the head is told about it.
+
+    A head class declares ``consumes = "pooled"`` (one pooled vector per image, e.g. a classifier)
+    or ``consumes = "features"`` (multi-scale NCHW maps, e.g. dense heads).
+    """
+    consumes = getattr(hydra.utils.get_class(head_target), "consumes", "pooled")
+    if consumes == "pooled":
+        return dict(num_classes=0), lambda backbone: dict(in_features=backbone.num_features)
+    if consumes == "features":
+        return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
+                                                                strides=backbone.feature_info.reduction())
+    raise ValueError(f"{head_target}.consumes must be 'pooled' or 'features', got {consumes!r}")
+
+
 def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data first (it knows channels and classes), then backbone, head and the task around them."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, num_classes=0)
-    head = hydra.utils.instantiate(cfg.head, in_features=backbone.num_features, num_classes=datamodule.num_classes)
+    backbone_kwargs, head_inputs = backbone_interface(cfg.head._target_)
+    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, **backbone_kwargs)
+    head = hydra.utils.instantiate(cfg.head, **head_inputs(backbone), num_classes=datamodule.num_classes)
     task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head,
                                    optimizer=hydra.utils.instantiate(cfg.optimizer),
                                    scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -52,11 +69,34 @@ def resolve_checkpoint(ckpt_path: Optional[str]) -> Optional[str]:
     return str(path)
 
 
+def code_version() -> dict[str, Any]:
+    """Git commit (and whether the tree was dirty) plus the versions of the packages a result depends on."""
+    import importlib.metadata
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    version: dict[str, Any] = {}
+    try:
+        version["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                               text=True, check=True).stdout.strip()
+        version["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root,
+                                                   capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        version["git_commit"] = None
+    for package in ("mambalab", "torch", "torchvision", "lightning", "timm", "hydra-core", "torchmetrics", "mamba-ssm"):
+        try:
+            version[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version[package] = None
+    return version
+
+
 @rank_zero_only
 def record_run(cfg: DictConfig, output_dir: Path) -> None:
-    """Write the fully resolved config beside the run's outputs and print it."""
+    """Write the fully resolved config and the code version beside the run's outputs, and print them."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / "version.json").write_text(json.dumps(code_version(), indent=2))
     if cfg.get("print_config"):
         from rich import print as rich_print
         from rich.syntax import Syntax

@@ -14,6 +14,8 @@ class LinearClassifier(nn.Module):
         drop_rate: dropout before the linear layer.
     """
 
+    consumes = "pooled"
+
     def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.drop = nn.Dropout(drop_rate)

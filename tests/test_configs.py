@@ -1,0 +1,49 @@
+"""Every config file composes with Hydra's compose API and its parts instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+
+import backbones
+from run import build_task, instantiate_group
+from tests.conftest import CONF_DIR, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+BACKBONE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
+
+
+def data_overrides(cfg, fashion_dir: Path, imagefolder_dir: Path) -> list[str]:
+    target = cfg.data._target_
+    return [f"data.data_dir={fashion_dir}"] if "FashionMNIST" in target else [f"data.root={imagefolder_dir}"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path, fashion_dir, imagefolder_dir):
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    cfg = compose_config([f"experiment={experiment}", *data_overrides(cfg, fashion_dir, imagefolder_dir),
+                          "data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
+    datamodule, task = build_task(cfg)
+    assert task.head.fc.out_features == datamodule.num_classes
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks),
+                                      logger=instantiate_group(cfg.logger) or False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_every_backbone_has_a_config_and_every_config_a_backbone():
+    assert BACKBONE_CONFIGS == backbones.list_backbones()
+
+
+@pytest.mark.parametrize("name", BACKBONE_CONFIGS)
+def test_backbone_config_names_its_model(name, tmp_path):
+    cfg = compose_config([f"backbone={name}"], tmp_path)
+    assert cfg.backbone.name == name
+    assert cfg.backbone._target_ == "backbones.create_backbone"
+
+
+@pytest.mark.parametrize("debug", sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml")))
+def test_debug_configs_compose(debug, tmp_path):
+    cfg = compose_config([f"debug={debug}"], tmp_path)
+    assert cfg.trainer.max_epochs >= 1
