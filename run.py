@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -59,10 +61,18 @@ def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningMod
     return datamodule, task
 
 
-def resolve_checkpoint(ckpt_path: Optional[str]) -> Optional[str]:
-    """Check a user-given checkpoint path early, naming the file when it is missing."""
-    if ckpt_path is None or ckpt_path in ("last", "best"):
-        return ckpt_path
+def resolve_checkpoint(ckpt_path: Optional[str], log_dir: Path, output_dir: Path) -> Optional[str]:
+    """Check a user-given checkpoint early, naming the file when it is missing.
+
+    ``last`` means the most recently written ``checkpoints/last.ckpt`` of any earlier run under ``log_dir``.
+    """
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        candidates = [p for p in log_dir.glob("**/checkpoints/last.ckpt") if output_dir not in p.parents]
+        if not candidates:
+            raise FileNotFoundError(f"ckpt_path=last: no earlier run under {log_dir} has checkpoints/last.ckpt")
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
@@ -109,25 +119,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and/or test as ``cfg.mode`` says; return the final callback metrics."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), output_dir)
     if cfg.mode == "eval" and ckpt_path is None:
         raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt written by run.py>")
     pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
     record_run(cfg, output_dir)
 
     datamodule, task = build_task(cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
                                       logger=instantiate_group(cfg.get("logger")) or False)
     if cfg.mode == "eval":
-        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        log.warning("training stopped by SIGTERM; resume with ckpt_path=%s", output_dir / "checkpoints" / "last.ckpt")
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     for name in sorted(k for k in metrics if k.startswith("test/")):
         log.info("%s = %.4f", name, metrics[name])

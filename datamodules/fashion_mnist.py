@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset
+
+from .resumable import ResumableTrainData, seed_for
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
@@ -73,30 +75,35 @@ def download_with_torchvision(data_dir: Path) -> Optional[dict[str, tuple[Path, 
 
 
 class TensorImageDataset(Dataset):
-    """uint8 (N, H, W) images and int labels as normalised float (1, size, size) tensors."""
+    """uint8 (N, H, W) images and int labels as normalised float (1, size, size) tensors.
+
+    Keys are indices or ``(epoch, index)`` pairs from ``EpochShuffleSampler``; augmentation draws
+    from a generator seeded by (seed, epoch, index), so a resumed run sees the same pixels.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, mean: float, std: float, image_size: int,
-                 augment: bool) -> None:
+                 augment: bool, seed: int = 0) -> None:
         self.images, self.labels = images, labels
-        self.mean, self.std, self.image_size, self.augment = mean, std, image_size, augment
+        self.mean, self.std, self.image_size, self.augment, self.seed = mean, std, image_size, augment, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image = self.images[index].float().div_(255).unsqueeze(0)
         if self.augment:
-            image = F.pad(image, (2, 2, 2, 2))
-            top, left = torch.randint(0, 5, (2,)).tolist()
-            image = image[:, top: top + 28, left: left + 28]
-            if torch.rand(()) < 0.5:
+            generator = torch.Generator().manual_seed(seed_for(self.seed, epoch, index))
+            top, left, flip = torch.randint(0, 5, (3,), generator=generator).tolist()
+            image = F.pad(image, (2, 2, 2, 2))[:, top: top + 28, left: left + 28]
+            if flip % 2:
                 image = image.flip(-1)
         if self.image_size != image.shape[-1]:
             image = F.interpolate(image[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
         return (image - self.mean) / self.std, int(self.labels[index])
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
     """Fashion-MNIST (10 classes, 28x28 grey): 55 000 train / 5 000 validation / 10 000 test.
 
     Args:
@@ -142,38 +149,39 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                 + f" in {self.data_dir}.")
         return files
 
-    def _dataset(self, images_path: Path, labels_path: Path, augment: bool) -> TensorImageDataset:
+    @staticmethod
+    def _read(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
         images = torch.from_numpy(read_idx(images_path, IMAGES_MAGIC).copy())
         labels = torch.from_numpy(read_idx(labels_path, LABELS_MAGIC).astype(np.int64))
         if len(images) != len(labels):
             raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-        return TensorImageDataset(images, labels, self.mean, self.std, self.image_size, augment)
+        return images, labels
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return
         files = self._files()
-        train_full = self._dataset(*files["train"], augment=self.augment)
-        eval_full = self._dataset(*files["train"], augment=False)
-        val_size = min(self.val_size, len(train_full) // 5)
-        generator = torch.Generator().manual_seed(self.seed)
-        train_split, val_split = random_split(range(len(train_full)), [len(train_full) - val_size, val_size],
-                                              generator=generator)
+        images, labels = self._read(*files["train"])
+        val_size = min(self.val_size, len(labels) // 5)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        train_idx, val_idx = order[val_size:], order[:val_size]
+        common = dict(mean=self.mean, std=self.std, image_size=self.image_size, seed=self.seed)
         self.splits = {
-            "train": torch.utils.data.Subset(train_full, list(train_split)),
-            "val": torch.utils.data.Subset(eval_full, list(val_split)),
-            "test": self._dataset(*files["test"], augment=False),
+            "train": TensorImageDataset(images[train_idx], labels[train_idx], augment=self.augment, **common),
+            "val": TensorImageDataset(images[val_idx], labels[val_idx], augment=False, **common),
+            "test": TensorImageDataset(*self._read(*files["test"]), augment=False, **common),
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable_loader(self.splits["train"], num_workers=self.num_workers,
+                                     persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -11,6 +11,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from .resumable import ResumableTrainData
+
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB, naming the file when it cannot be decoded."""
@@ -21,13 +23,14 @@ def load_rgb(path: str) -> Image.Image:
         raise OSError(f"cannot read image {path}: {err}") from err
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(ResumableTrainData, pl.LightningDataModule):
     """Classification from class-per-folder images, as ImageNet is distributed.
 
     Training uses timm's ``create_transform`` (random resized crop, flip, RandAugment, colour jitter,
     random erasing); evaluation resizes and centre-crops with ``crop_pct``. Mixup/CutMix, when on,
     is exposed as ``batch_transform`` for the task to apply to training batches. The test split is
-    ``test/`` when it exists, else ``val/`` (ImageNet's test labels are not public).
+    ``test/`` when it exists, else ``val/`` (ImageNet's test labels are not public). The training
+    order resumes exactly from mid-epoch checkpoints; timm's random augmentations are not replayed.
 
     Args:
         root: folder holding ``train/`` and ``val/`` (and optionally ``test/``).
@@ -42,6 +45,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mixup_prob, switch_prob: probability of mixing a batch, and of CutMix instead of Mixup.
         label_smoothing: label smoothing folded into the mixed targets.
         mean, std: normalisation.
+        seed: seed of the training order.
     """
 
     in_chans = 3
@@ -51,9 +55,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
                  color_jitter: float = 0.4, re_prob: float = 0.25, mixup_alpha: float = 0.0,
                  cutmix_alpha: float = 0.0, mixup_prob: float = 1.0, switch_prob: float = 0.5,
                  label_smoothing: float = 0.0, mean: tuple = IMAGENET_DEFAULT_MEAN,
-                 std: tuple = IMAGENET_DEFAULT_STD) -> None:
+                 std: tuple = IMAGENET_DEFAULT_STD, seed: int = 0) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
+        self.seed = seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_transform = create_transform(image_size, is_training=True, auto_augment=auto_augment,
                                                 color_jitter=color_jitter, re_prob=re_prob,
@@ -97,16 +102,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 raise ValueError(f"{directory} classes differ from {self.root / 'train'}: {', '.join(differing)}")
             self.datasets[split] = ImageFolder(str(directory), transform=transform, loader=load_rgb)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, drop_last=shuffle and self.batch_transform is not None,
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable_loader(self.datasets["train"], keys_with_epoch=False, num_workers=self.num_workers,
+                                     drop_last=self.batch_transform is not None,
+                                     persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

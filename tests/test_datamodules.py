@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from datamodules import FashionMNISTDataModule, ImageFolderDataModule
 from datamodules.fashion_mnist import read_idx
+from datamodules.resumable import EpochShuffleSampler
 from tests.fixtures import make_fashion_mnist, make_imagefolder, write_idx
 
 
@@ -48,8 +50,10 @@ def test_fashion_mnist_splits_shapes_and_normalisation(fashion_dir):
 
 def test_fashion_mnist_split_is_fixed_and_disjoint(fashion_dir):
     first, second = fashion(fashion_dir), fashion(fashion_dir)
-    assert first.splits["val"].indices == second.splits["val"].indices
-    assert not set(first.splits["val"].indices) & set(first.splits["train"].indices)
+    assert torch.equal(first.splits["val"].images, second.splits["val"].images)
+    train, val = first.splits["train"].images.flatten(1), first.splits["val"].images.flatten(1)
+    assert len(train) + len(val) == 96
+    assert not (val[:, None] == train[None]).all(-1).any()
 
 
 def test_fashion_mnist_resize_and_torchvision_layout(fashion_dir, tmp_path):
@@ -104,3 +108,39 @@ def test_corrupt_jpeg_is_named(tmp_path):
     module.setup("fit")
     with pytest.raises(OSError, match=broken.name):
         list(module.val_dataloader())
+
+
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch_and_skips_once():
+    sampler = EpochShuffleSampler(10, seed=3)
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    assert sorted(index for _, index in keys) == list(range(10)) and {epoch for epoch, _ in keys} == {2}
+    other = EpochShuffleSampler(10, seed=3)
+    other.set_epoch(2)
+    other.skip = 4
+    assert list(other) == keys[4:] and list(other) == keys
+    other.set_epoch(3)
+    assert list(other) != keys
+
+
+def test_resumable_state_round_trip_skips_finished_batches(fashion_dir):
+    module = fashion(fashion_dir, batch_size=8)
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(1)
+    full = [labels for _, labels in loader]
+    module.trainer = SimpleNamespace(num_training_batches=len(full), fit_loop=SimpleNamespace(
+        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(completed=3)))))
+    state = module.state_dict()
+    assert state == {"epoch": 1, "samples_done": 24}
+    resumed = fashion(fashion_dir, batch_size=8)
+    resumed.load_state_dict(state)
+    rest = [labels for _, labels in resumed.train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:])) and len(rest) == len(full) - 3
+    module.trainer.fit_loop.epoch_loop.batch_progress.current.completed = len(full)
+    assert module.state_dict() == {"epoch": 2, "samples_done": 0}
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(fashion_dir):
+    dataset = fashion(fashion_dir).splits["train"]
+    assert torch.equal(dataset[(1, 5)][0], dataset[(1, 5)][0])
+    assert any(not torch.equal(dataset[(1, i)][0], dataset[(2, i)][0]) for i in range(10))

@@ -1,0 +1,65 @@
+"""Exact resume after a pre-emption, determinism, and the non-finite guard, through run.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run(fashion_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.data_dir={fashion_dir}", "data.num_workers=0", "data.batch_size=8", "backbone=test_vmamba",
+            "print_config=false", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+            "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1",
+            "callbacks.rich_progress_bar=null", f"hydra.run.dir={run_dir}", *extra]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 12
+    return checkpoint["state_dict"]
+
+
+def test_preempted_then_resumed_run_equals_uninterrupted(fashion_dir, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_cli(tiny_run(fashion_dir, straight), cwd=tmp_path).returncode == 0
+
+    preempted = tmp_path / "preempted"
+    result = run_cli(tiny_run(fashion_dir, preempted, "+callbacks.sigterm._target_=tests.helpers.SigtermAtStep",
+                              "+callbacks.sigterm.step=3"), cwd=tmp_path)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "resume with ckpt_path=" in result.stdout + result.stderr
+    saved = torch.load(preempted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (0, 3)
+
+    resumed = tmp_path / "resumed"
+    result = run_cli(tiny_run(fashion_dir, resumed, f"ckpt_path={preempted / 'checkpoints' / 'last.ckpt'}"),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, got = final_weights(straight), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_deterministic_runs_are_bit_identical(fashion_dir, tmp_path):
+    metrics = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        result = run_cli(tiny_run(fashion_dir, run_dir, "trainer.deterministic=true", "trainer.max_epochs=1",
+                                  "trainer.limit_train_batches=3"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics.append([line.split(",")[1:] for line in (run_dir / "metrics.csv").read_text().splitlines()])
+    assert metrics[0] == metrics[1] and len(metrics[0]) > 3
+
+
+def test_nonfinite_guard_names_the_module_and_saves_the_batch(fashion_dir, tmp_path):
+    run_dir = tmp_path / "nan"
+    result = run_cli(tiny_run(fashion_dir, run_dir, "optimizer.lr=1e30"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "non-finite values first produced by" in result.stderr
+    assert (run_dir / "nonfinite_batch.pt").is_file()
