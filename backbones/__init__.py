@@ -12,7 +12,7 @@ from torch import nn
 from . import efficientvmamba, msvmamba, vmamba
 from .ssm import selective_scan
 
-__all__ = ["create_backbone", "list_backbones", "selective_scan"]
+__all__ = ["block_classes", "create_backbone", "list_backbones", "selective_scan"]
 
 _FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba)
 
@@ -21,6 +21,13 @@ def list_backbones() -> list[str]:
     """Names of every backbone this package registers (also their ``conf/backbone`` names)."""
     families = (module.__name__.rsplit(".", 1)[-1] for module in _FAMILY_MODULES)
     return sorted(name for family in families for name in timm.list_models(module=family))
+
+
+def block_classes() -> list[type[nn.Module]]:
+    """The residual block classes of every family (units for FSDP wrapping and activation checkpointing)."""
+    return sorted({obj for module in _FAMILY_MODULES for obj in vars(module).values()
+                   if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__name__.endswith("Block")},
+                  key=lambda cls: cls.__qualname__)
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
