@@ -26,6 +26,22 @@ log = logging.getLogger("mambalab")
 MODES = ("train", "eval")
 
 
+def linear_scaled_lr(base_lr: float, batch_size: int, devices, num_nodes: int = 1, accumulate: int = 1,
+                     reference_batch: int = 512) -> float:
+    """The linear scaling rule of the official recipes: ``base_lr * total_batch / 512``.
+
+    ``devices`` may be "auto" (all visible GPUs, or 1 without CUDA) as in the trainer config.
+    """
+    if not isinstance(devices, int):
+        import torch
+
+        devices = max(1, torch.cuda.device_count()) if str(devices) in ("auto", "-1") else len(str(devices).split(","))
+    return base_lr * batch_size * devices * num_nodes * accumulate / reference_batch
+
+
+OmegaConf.register_new_resolver("linear_lr", linear_scaled_lr, replace=True)
+
+
 def instantiate_group(config: Optional[DictConfig]) -> list[Any]:
     """Instantiate every entry of a dict-of-components group (callbacks, loggers) that has a target."""
     if not config:

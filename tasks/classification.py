@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .optim import param_groups_weight_decay
+from .optim import param_groups_layer_decay, param_groups_weight_decay
 
 
 class ClassificationTask(pl.LightningModule):
@@ -25,6 +25,7 @@ class ClassificationTask(pl.LightningModule):
         scheduler: optional partial ``(optimizer, total_steps) -> LRScheduler``, stepped per batch.
         num_classes: number of classes (for the metrics).
         label_smoothing: cross-entropy label smoothing (hard targets only).
+        layer_decay: layer-wise learning-rate decay for fine-tuning (e.g. 0.75), or None.
         compile: wrap the backbone in ``torch.compile`` at fit time.
 
     When the datamodule has a ``batch_transform`` (Mixup/CutMix), it is applied to training batches
@@ -32,7 +33,8 @@ class ClassificationTask(pl.LightningModule):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: Callable, num_classes: int,
-                 scheduler: Optional[Callable] = None, label_smoothing: float = 0.0, compile: bool = False) -> None:
+                 scheduler: Optional[Callable] = None, label_smoothing: float = 0.0,
+                 layer_decay: Optional[float] = None, compile: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler"], logger=False)
         self.backbone = backbone
@@ -96,8 +98,13 @@ class ClassificationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        groups = param_groups_weight_decay([self.backbone, self.head], weight_decay)
+        if self.hparams.layer_decay:
+            groups = param_groups_layer_decay(self.backbone, self.head, weight_decay, self.hparams.layer_decay)
+        else:
+            groups = param_groups_weight_decay([self.backbone, self.head], weight_decay)
         optimizer = self.optimizer_factory(params=groups)
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

@@ -30,6 +30,20 @@ def param_groups_weight_decay(modules: Iterable[nn.Module], weight_decay: float)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def param_groups_layer_decay(backbone: nn.Module, head: nn.Module, weight_decay: float,
+                             layer_decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay for fine-tuning: block i of n gets ``lr * layer_decay ** (n - i)``.
+
+    Layers are numbered by the backbone's timm ``group_matcher``; the head keeps the full rate. Each
+    group carries ``lr_scale``, which the task multiplies into the group's learning rate.
+    """
+    from timm.optim import param_groups_layer_decay as timm_layer_decay
+
+    groups = timm_layer_decay(backbone, weight_decay=weight_decay, layer_decay=layer_decay,
+                              no_weight_decay_list=getattr(backbone, "no_weight_decay", set)())
+    return groups + param_groups_weight_decay([head], weight_decay)
+
+
 def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, warmup_fraction: float = 0.0,
                   min_lr_ratio: float = 0.01) -> LambdaLR:
     """Linear warm-up from ~0 to the base rate, then cosine decay to ``min_lr_ratio`` of it, per step.

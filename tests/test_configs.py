@@ -47,3 +47,13 @@ def test_backbone_config_names_its_model(name, tmp_path):
 def test_debug_configs_compose(debug, tmp_path):
     cfg = compose_config([f"debug={debug}"], tmp_path)
     assert cfg.trainer.max_epochs >= 1
+
+
+def test_recipes_scale_the_learning_rate_with_the_total_batch(tmp_path):
+    cfg = compose_config(["experiment=imagenet_vmamba_tiny_s1l8"], tmp_path)
+    assert cfg.trainer.devices == 8 and cfg.data.batch_size == 128
+    assert cfg.optimizer.lr == pytest.approx(1e-3)
+    cfg = compose_config(["experiment=imagenet_msvmamba_v3_base", "trainer.devices=4", "trainer.num_nodes=2",
+                          "trainer.accumulate_grad_batches=2"], tmp_path)
+    assert cfg.optimizer.lr == pytest.approx(3e-4 * 128 * 16 / 512)
+    assert compose_config(["experiment=imagenet_vanilla_vmamba_tiny"], tmp_path).callbacks.ema is None
