@@ -13,6 +13,8 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Extras installed into .venv: tests cover the sweep launchers too.
+EXTRAS ?= dev,sweep
 
 .PHONY: install demo test test-slow test-all lint clean
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(TORCH_PINS)
 	touch $(STAMP)
 
 # Fashion-MNIST ships in Debian's dataset-fashion-mnist; install it where apt exists and we may.
