@@ -9,8 +9,6 @@ import torch
 
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
-
 
 def tiny_run(fashion_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.data_dir={fashion_dir}", "data.num_workers=0", "data.batch_size=8", "backbone=test_vmamba",
@@ -25,6 +23,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint["state_dict"]
 
 
+@pytest.mark.slow
 def test_preempted_then_resumed_run_equals_uninterrupted(fashion_dir, tmp_path):
     straight = tmp_path / "straight"
     assert run_cli(tiny_run(fashion_dir, straight), cwd=tmp_path).returncode == 0
@@ -46,6 +45,7 @@ def test_preempted_then_resumed_run_equals_uninterrupted(fashion_dir, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_bit_identical(fashion_dir, tmp_path):
     metrics = []
     for name in ("a", "b"):
@@ -57,9 +57,35 @@ def test_deterministic_runs_are_bit_identical(fashion_dir, tmp_path):
     assert metrics[0] == metrics[1] and len(metrics[0]) > 3
 
 
+@pytest.mark.slow
 def test_nonfinite_guard_names_the_module_and_saves_the_batch(fashion_dir, tmp_path):
     run_dir = tmp_path / "nan"
     result = run_cli(tiny_run(fashion_dir, run_dir, "optimizer.lr=1e30"), cwd=tmp_path)
     assert result.returncode != 0
     assert "non-finite values first produced by" in result.stderr
     assert (run_dir / "nonfinite_batch.pt").is_file()
+
+
+@pytest.mark.parametrize("failure", ["serialise", "rename"])
+def test_checkpoint_write_is_all_or_nothing(tmp_path, monkeypatch, failure):
+    import os
+
+    from tasks.checkpoint_io import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.ones(3)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed while writing")
+
+    new = {"step": 2, "weights": torch.zeros(1000)}
+    if failure == "serialise":
+        new["bad"] = Unpicklable()
+    else:
+        monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(RuntimeError("killed before rename")))
+    with pytest.raises(RuntimeError, match="killed"):
+        io.save_checkpoint(new, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
