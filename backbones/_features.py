@@ -1,10 +1,12 @@
-"""timm's intermediate-feature API, shared by every hierarchical (stem + stages + norm + head) backbone."""
+"""timm plumbing shared by every hierarchical (stem + stages + norm + head) backbone family:
+the intermediate-feature API, the ImageNet pretrained-cfg defaults and the model builder."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -45,3 +47,19 @@ class HierarchicalFeaturesMixin:
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def imagenet_cfg(url: str = "", **kwargs: Any) -> dict:
+    """A timm pretrained cfg for ImageNet-1K classifiers at 224 (bicubic, crop 0.875); ``kwargs`` override."""
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem.conv1", "classifier": "head", **kwargs,
+    }
+
+
+def create_hierarchical(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg`` with 4-stage ``features_only`` support through ``forward_intermediates``."""
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(model_cls, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)

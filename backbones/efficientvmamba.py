@@ -18,11 +18,11 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from torch import Tensor, nn
 
-from .layers import LayerNorm2d
+from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import AtrousScan
 from .ss2d import SS2D
 from .vmamba import PatchEmbed, PatchMerging, VMamba, VSSStage
@@ -150,10 +150,7 @@ class EfficientVMamba(VMamba):
                 stages.append(ConvStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(dims[-1])
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self._init_head(dims[-1], num_classes, drop_rate)
 
 
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
@@ -213,19 +210,14 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
 
 def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(EfficientVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return create_hierarchical(EfficientVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                               **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "stem.proj", "classifier": "head",
-        # README: "released under the Apache 2.0 license" (the repository has no LICENSE file).
-        "license": "apache-2.0", "paper_ids": "arXiv:2403.09977", **kwargs,
-    }
+    # README: "released under the Apache 2.0 license" (the repository has no LICENSE file).
+    return imagenet_cfg(**{"first_conv": "stem.proj", "license": "apache-2.0", "paper_ids": "arXiv:2403.09977",
+                           **kwargs})
 
 
 _HF = "https://huggingface.co/TerryPei/EfficientVMamba-"

@@ -26,10 +26,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from .layers import LayerNorm2d
+from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import CrossScan, RouteConcat, ScanPattern
 from .ss2d import RouteSSM, resolve_dt_rank
 from .vmamba import ConvDownsample, OverlapStem, PatchEmbed, PatchMerging, VMamba, VSSStage
@@ -245,10 +245,7 @@ class MSVMamba(VMamba):
             stages.append(VSSStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(dims[-1])
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self._init_head(dims[-1], num_classes, drop_rate)
 
 
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
@@ -323,19 +320,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs) -> MSVMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(MSVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return create_hierarchical(MSVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "stem.conv1", "classifier": "head",
-        # The repository ships no LICENSE file.
-        "license": "unknown", "paper_ids": "arXiv:2405.14174", **kwargs,
-    }
+    # The repository ships no LICENSE file.
+    return imagenet_cfg(url, **{"license": "unknown", "paper_ids": "arXiv:2405.14174", **kwargs})
 
 
 _HF = "YuhengSSS/MSVMamba"

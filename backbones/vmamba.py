@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._features import HierarchicalFeaturesMixin
+from ._features import HierarchicalFeaturesMixin, create_hierarchical, imagenet_cfg
 from .layers import LayerNorm2d
 from .ss2d import SS2D
 
@@ -177,9 +177,13 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
             stages.append(VSSStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(dims[-1])
+        self._init_head(dims[-1], num_classes, drop_rate)
+
+    def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        """Final norm, dropout and classifier, then the weight init of the whole model (call last)."""
+        self.norm = LayerNorm2d(num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -229,18 +233,11 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(VMamba, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return create_hierarchical(VMamba, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "stem.conv1", "classifier": "head",
-        "license": "mit", "paper_ids": "arXiv:2401.10166", **kwargs,
-    }
+    return imagenet_cfg(url, **{"license": "mit", "paper_ids": "arXiv:2401.10166", **kwargs})
 
 
 _RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/%23"
