@@ -74,9 +74,8 @@ class EpochSummary(pl.Callback):
                          if name.startswith(prefixes) and not name.endswith("_step"))
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            log.info("epoch %d  %s", trainer.current_epoch, self._summarise(trainer, ("train/", "val/")))
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log.info("epoch %d  %s", trainer.current_epoch, self._summarise(trainer, ("train/", "val/")))
 
     @rank_zero_only
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
