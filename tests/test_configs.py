@@ -57,3 +57,15 @@ def test_recipes_scale_the_learning_rate_with_the_total_batch(tmp_path):
                           "trainer.accumulate_grad_batches=2"], tmp_path)
     assert cfg.optimizer.lr == pytest.approx(3e-4 * 128 * 16 / 512)
     assert compose_config(["experiment=imagenet_vanilla_vmamba_tiny"], tmp_path).callbacks.ema is None
+
+
+def test_fsdp_preset_wraps_every_backbone_block(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from backbones.vmamba import VSSBlock
+
+    cfg = compose_config(["trainer=fsdp", "trainer.strategy.activation_checkpointing=true"], tmp_path)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert VSSBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert VSSBlock in backbones.block_classes()
