@@ -11,7 +11,8 @@ from tests.conftest import run_cli
 
 
 def tiny_run(fashion_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"data.data_dir={fashion_dir}", "data.num_workers=0", "data.batch_size=8", "backbone=test_vmamba",
+    return [f"data.data_dir={fashion_dir}", "data.num_workers=0", "data.batch_size=8", "data.augment=true",
+            "backbone=test_vmamba",
             "print_config=false", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
             "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1",
             "callbacks.rich_progress_bar=null", f"hydra.run.dir={run_dir}", *extra]
