@@ -16,9 +16,15 @@ replacements for one another:
 
 Backends:
 
-- ``torch``: log-depth odd/even parallel scan in pure PyTorch (no Python loop over tokens).
-- ``reference``: a plain sequential loop over time; slow, kept as a readable cross-check.
-- ``mamba_ssm``: mamba-ssm's CUDA kernel; only for CUDA tensors and only when the package imports.
+- ``torch``: pure PyTorch. In eager mode the chunked scan (``scan_chunked``): a hand-written
+  ``autograd.Function`` that keeps only its inputs and one state per chunk and recomputes the rest in
+  backward, so memory stays bounded for any length. While ``torch.compile``/``torch.export``/ONNX
+  trace the model it is the log-depth odd/even scan (``scan_oddeven``), which is made of plain
+  tensor ops only (no data-dependent control flow, so no graph breaks).
+- ``reference``: a plain sequential loop over time (``scan_sequential``); slow, a readable cross-check.
+- ``mamba_ssm``: mamba-ssm's CUDA kernel, wrapped as the ``torch.library`` custom op
+  ``mambalab::selective_scan_cuda`` (with a fake implementation, so compile/export can trace it);
+  only for CUDA tensors and only when the package imports.
 - ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable, else ``torch``.
 
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
@@ -29,7 +35,8 @@ dtype of ``u``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,27 +44,38 @@ from torch import Tensor
 
 BACKENDS = ("auto", "torch", "reference", "mamba_ssm")
 
+CHUNK_LEN = 64
+"""Tokens per chunk of the chunked scan: long enough to amortise the per-chunk work, short enough
+that a chunk's summed log-decay rarely needs the exact fallback."""
+BLOCK_ELEMENTS = 1 << 20
+"""Elements per temporary of the chunked scan on CPU (4 MiB in fp32): chunks are processed in blocks
+of about this size so temporaries stay cache-friendly and below glibc's mmap threshold. Accelerators
+use 64x larger blocks (fewer kernel launches)."""
+LOG_DECAY_LIMIT = 120.0
+"""Largest |sum of A*delta| over a chunk for which the rescaled cumulative-sum form is used; rows
+beyond it (e^60 away from fp32 overflow with the midpoint offset) take the exact odd/even scan."""
+
 
 @functools.lru_cache(maxsize=1)
-def mamba_ssm_status() -> tuple[Optional[Callable], str]:
-    """Import mamba-ssm's CUDA selective scan once; return (function or None, reason)."""
+def mamba_ssm_status() -> tuple[Optional[type], str]:
+    """Import mamba-ssm's CUDA selective scan once; return (its autograd.Function or None, reason)."""
     if not torch.cuda.is_available():
         return None, "no CUDA device is visible to torch"
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
     except ImportError as err:
         return None, f"mamba-ssm is not importable ({err}); install the 'cuda' extra on a CUDA machine"
-    return selective_scan_fn, "available"
+    return SelectiveScanFn, "available"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``auto`` into a concrete backend and check that a forced one can run here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    kernel, reason = mamba_ssm_status()
     if backend == "auto":
-        return "mamba_ssm" if device.type == "cuda" and kernel is not None else "torch"
+        return "mamba_ssm" if device.type == "cuda" and mamba_ssm_status()[0] is not None else "torch"
     if backend == "mamba_ssm":
+        kernel, reason = mamba_ssm_status()
         if kernel is None:
             raise RuntimeError(f"scan backend 'mamba_ssm' was requested but cannot run: {reason}")
         if device.type != "cuda":
@@ -65,8 +83,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """The dtype the scan accumulates in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(u.dtype, torch.float32)
+
+
+def is_tracing(x: Tensor) -> bool:
+    """True while torch.compile, torch.export, ONNX or jit tracing runs, or for meta tensors:
+    the places where only data-independent tensor code may run."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or x.device.type == "meta")
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
 def _expand_groups(BC: Tensor, channels: int) -> Tensor:
-    """(b, n, l) or (b, g, n, l) -> (b, channels, n, l) without copying (a broadcast view)."""
+    """(b, n, l) or (b, g, n, l) -> (b, channels, n, l) as a broadcast view where possible."""
     if BC.dim() == 3:
         return BC.unsqueeze(1).expand(-1, channels, -1, -1)
     b, g, n, l = BC.shape
@@ -75,34 +107,33 @@ def _expand_groups(BC: Tensor, channels: int) -> Tensor:
     return BC.unsqueeze(2).expand(b, g, channels // g, n, l).reshape(b, channels, n, l)
 
 
-def compute_dtype(u: Tensor) -> torch.dtype:
-    """The dtype the scan accumulates in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(u.dtype, torch.float32)
-
-
-def _discretize(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Optional[Tensor],
-                delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """Return the per-step decay exp(delta*A) and input delta*B*u, both (b, d, n, l) in compute dtype."""
-    dtype = compute_dtype(u)
+def _step_size(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool, dtype: torch.dtype) -> Tensor:
+    """delta (+ bias) (then softplus), in the compute dtype."""
     delta = delta.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    decay = torch.exp(delta.unsqueeze(2) * A.to(dtype)[None, :, :, None])
-    drive = (delta * u.to(dtype)).unsqueeze(2) * _expand_groups(B.to(dtype), u.shape[1])
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """Add the skip D*u, gate by silu(z), return in ``out_dtype``."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def _discretize(u: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-step decay exp(dt*A) and input dt*B*u, both materialised as (b, d, n, l)."""
+    decay = torch.exp(dt.unsqueeze(2) * A[None, :, :, None])
+    drive = (dt * u).unsqueeze(2) * _expand_groups(B, u.shape[1])
     return decay, drive
 
 
-def _readout(states: Tensor, u: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
-    """y = sum_n C*h (+ D*u) (* silu(z)), returned in the dtype of ``u``."""
-    dtype = states.dtype
-    y = (states * _expand_groups(C.to(dtype), u.shape[1])).sum(2)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u.to(dtype)
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype)
+def _readout(states: Tensor, C: Tensor) -> Tensor:
+    """sum_n C * h over the state axis: (b, d, n, l) -> (b, d, l)."""
+    return (states * _expand_groups(C, states.shape[1])).sum(2)
 
 
 def linear_recurrence(decay: Tensor, drive: Tensor) -> Tensor:
@@ -128,30 +159,445 @@ def linear_recurrence(decay: Tensor, drive: Tensor) -> Tensor:
     return interleaved
 
 
-def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-    return _readout(linear_recurrence(decay, drive), u, C, D, z)
+# ----------------------------------------------------------------------------- chunked scan
+#
+# Internal layout: "rows" r = (batch, group) pairs, each with Dg = channels // groups channels that
+# share one B/C row. u, delta, z: (R, Dg, L); B, C: (R, N, L); A: (R, Dg, N); D, delta_bias: (R, Dg).
+# A block of tokens is viewed as nc chunks of q tokens: per-channel tensors are (r, Dg, nc, q), state
+# tensors (r, Dg, N, nc, q), with B/C broadcast over channels as (r, 1, N, nc, q). Inputs are cast to
+# the compute dtype block by block, and the skip (D), gate (z) and step-size bias/softplus are fused
+# into the blocks, so no full-length temporaries are allocated besides the outputs.
+#
+# Within a chunk, with cum_t = A * sum_{s<=t} dt_s (<= 0) and m = cum_last / 2:
+#     h_t = exp(cum_t - m) * sum_{s<=t} exp(m - cum_s) x_s + exp(cum_t) * h_start
+# (x = dt*u*B). Both exponentials stay within exp(+-|cum_last|/2), so the form is exact in fp32 as
+# long as |cum_last| <= LOG_DECAY_LIMIT; rows beyond it take linear_recurrence, which never divides.
+# The adjoint G_t = dL/dh_t obeys the mirrored recurrence G_t = C_t gy_t + a_{t+1} G_{t+1} and is
+# computed the same way backwards; chunk-start states / chunk-end adjoints are carried across chunks
+# with linear_recurrence on (r, Dg, N, nc) tensors.
 
 
-def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+class _Rows(NamedTuple):
+    """The scan's inputs in row layout (see above); D, z and delta_bias may be None."""
+
+    u: Tensor
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Optional[Tensor]
+    z: Optional[Tensor]
+    delta_bias: Optional[Tensor]
+
+
+class _Block(NamedTuple):
+    """One block of rows r0:r1 and tokens t0:t1 in chunks of q, cast to the compute dtype."""
+
+    u: Tensor  # (r, Dg, nc, q)
+    dt: Tensor  # step size: softplus(delta + bias), or delta + bias
+    B: Tensor  # (r, 1, N, nc, q)
+    C: Tensor
+    A: Tensor  # (r, Dg, N, 1, 1)
+    D: Optional[Tensor]  # (r, Dg, 1, 1)
+    z: Optional[Tensor]
+
+
+def _plan(rows: int, channels: int, d_state: int, length: int, chunk_len: int,
+          block_elements: int) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """Split rows into slabs and tokens into blocks of whole chunks (plus one shorter final chunk)."""
+    q = max(1, min(chunk_len, length))
+    slab = max(1, min(rows, block_elements // (channels * d_state * q)))
+    tokens = max(q, block_elements // (slab * channels * d_state) // q * q)
+    slabs = [(r0, min(rows, r0 + slab)) for r0 in range(0, rows, slab)]
+    full = length // q * q
+    blocks = [(t0, min(full, t0 + tokens), q) for t0 in range(0, full, tokens)]
+    if full < length:
+        blocks.append((full, length, length - full))
+    return slabs, blocks
+
+
+def _chunks(t: Tensor, r0: int, r1: int, t0: int, t1: int, q: int) -> Tensor:
+    """Rows r0:r1, tokens t0:t1 of an (R, X, L) tensor as an (r, X, nc, q) view."""
+    return t[r0:r1, :, t0:t1].unflatten(-1, ((t1 - t0) // q, q))
+
+
+def _block(x: _Rows, r0: int, r1: int, t0: int, t1: int, q: int, softplus: bool, dtype: torch.dtype,
+           delta_is_dt: bool = False) -> _Block:
+    """The block's inputs in the compute dtype; ``delta_is_dt``: x.delta already holds the step size."""
+    dt = _chunks(x.delta, r0, r1, t0, t1, q).to(dtype)
+    if not delta_is_dt:
+        if x.delta_bias is not None:
+            dt = dt + x.delta_bias[r0:r1, :, None, None]
+        if softplus:
+            dt = F.softplus(dt)
+    return _Block(
+        u=_chunks(x.u, r0, r1, t0, t1, q).to(dtype), dt=dt,
+        B=_chunks(x.B, r0, r1, t0, t1, q).to(dtype).unsqueeze(1),
+        C=_chunks(x.C, r0, r1, t0, t1, q).to(dtype).unsqueeze(1), A=x.A[r0:r1, :, :, None, None],
+        D=None if x.D is None else x.D[r0:r1, :, None, None],
+        z=None if x.z is None else _chunks(x.z, r0, r1, t0, t1, q).to(dtype))
+
+
+def _sum(t: Tensor, dim: int) -> Tensor:
+    """Sum over ``dim``, as a free squeeze when it has size 1 (d_state 1)."""
+    return t.squeeze(dim) if t.shape[dim] == 1 else t.sum(dim)
+
+
+def _cumsum(t: Tensor) -> Tensor:
+    """Cumulative sum over the last dim; on a 2-D view, which torch's CPU kernel runs ~2x faster."""
+    return t.reshape(-1, t.shape[-1]).cumsum(-1).view(t.shape)
+
+
+def _local_states(cdt: Tensor, A5: Tensor, dt: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[tuple]]:
+    """States of every chunk started from zero, and the chunk's rescaling factors.
+
+    Returns (h, w, em, exact) with w = exp(m - cum) and em = exp(m), so that em / w = exp(cum) and
+    em * w = exp(cum_last - cum). Rows whose |cum_last| is over the limit get exact local states from
+    linear_recurrence, w = 1 and em = 0 (their carry terms vanish in the shared code), and are
+    returned as ``exact = (mask, cum)`` for the caller to add their carries.
+    """
+    half = 0.5 * cdt[..., -1:]
+    log_em = A5 * half
+    w = torch.addcmul(log_em, A5, cdt, value=-1.0).exp_()
+    h = _cumsum(w * x).div_(w)
+    bad = log_em[..., 0] < -0.5 * LOG_DECAY_LIMIT
+    exact = None
+    if bad.any():
+        dA = (dt * A5).expand_as(x)[bad]
+        h[bad] = linear_recurrence(dA.exp(), x[bad])
+        w[bad] = 1.0
+        log_em[bad] = -math.inf
+        exact = (bad, dA.cumsum(-1))
+    return h, w, log_em.exp_(), exact
+
+
+def _carry_forward(decay: Tensor, drive: Tensor, start: Tensor) -> Tensor:
+    """Chunk-start states: s_0 = start, s_c = decay_{c-1} s_{c-1} + drive_{c-1}; (..., nc) tensors."""
+    if decay.shape[-1] == 1:
+        return start.unsqueeze(-1)
+    drive = drive[..., :-1].clone()
+    drive[..., 0] += decay[..., 0] * start
+    return torch.cat((start.unsqueeze(-1), linear_recurrence(decay[..., :-1], drive)), -1)
+
+
+def _carry_backward(decay: Tensor, drive: Tensor, end: Tensor) -> Tensor:
+    """Chunk-end adjoints: e_last = end, e_c = decay_{c+1} e_{c+1} + drive_{c+1}; (..., nc) tensors."""
+    if decay.shape[-1] == 1:
+        return end.unsqueeze(-1)
+    decay, drive = decay[..., 1:].flip(-1), drive[..., 1:].flip(-1)
+    drive[..., 0] += decay[..., 0] * end
+    return torch.cat((linear_recurrence(decay, drive).flip(-1), end.unsqueeze(-1)), -1)
+
+
+class _States(NamedTuple):
+    h: Tensor  # all states of the block, (r, Dg, N, nc, q)
+    x: Tensor  # dt * u * B
+    dtu: Tensor  # dt * u, (r, Dg, 1, nc, q)
+    cdt: Tensor  # within-chunk cumulative dt
+    chunk_start: Tensor  # (r, Dg, N, nc)
+    w: Tensor
+    em: Tensor
+    exact: Optional[tuple]
+
+
+def _block_states(b: _Block, start: Optional[Tensor], chunk_start: Optional[Tensor] = None) -> _States:
+    """All states of a block, from the state before it (forward) or from saved chunk starts (backward)."""
+    dt5 = b.dt.unsqueeze(2)
+    cdt = _cumsum(dt5)
+    dtu = dt5 * b.u.unsqueeze(2)
+    x = dtu * b.B
+    h, w, em, exact = _local_states(cdt, b.A, dt5, x)
+    if chunk_start is None:
+        chunk_start = _carry_forward(torch.exp(b.A[..., 0] * cdt[..., -1]), h[..., -1], start)
+    h.addcdiv_(em * chunk_start.unsqueeze(-1), w)
+    if exact is not None:
+        bad, cum = exact
+        h[bad] += torch.exp(cum) * chunk_start[bad].unsqueeze(-1)
+    return _States(h, x, dtu, cdt, chunk_start, w, em, exact)
+
+
+def _into(target: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    """``target`` as an ``out=`` argument when it has the compute dtype, else None (copy afterwards)."""
+    return target if target.dtype == dtype else None
+
+
+def _readout_block(h: Tensor, C: Tensor, out: Optional[Tensor]) -> Tensor:
+    """sum_n C * h -> (r, Dg, nc, q), written into ``out`` when given."""
+    if h.shape[2] == 1:
+        return torch.mul(h[:, :, 0], C[:, :, 0], out=out)
+    return torch.sum(h * C, 2, out=out)
+
+
+def _chunked_forward(x: _Rows, softplus: bool, chunk_len: int, block_elements: int,
+                     for_backward: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The scan output (in the dtype of u); for backward also the state at the start of every chunk
+    and the step sizes (saving them spares backward the softplus, the most expensive op per token)."""
+    dtype = compute_dtype(x.u)
+    rows, channels, length = x.u.shape
+    d_state = x.B.shape[1]
+    slabs, blocks = _plan(rows, channels, d_state, length, chunk_len, block_elements)
+    q0 = blocks[0][2]
+    y = torch.empty_like(x.u)
+    starts = x.A.new_empty(rows, channels, d_state, -(-length // q0)) if for_backward else None
+    steps = torch.empty(x.u.shape, dtype=dtype, device=x.u.device) if for_backward else None
+    for r0, r1 in slabs:
+        state = x.A.new_zeros(r1 - r0, channels, d_state)
+        for t0, t1, q in blocks:
+            b = _block(x, r0, r1, t0, t1, q, softplus, dtype)
+            s = _block_states(b, state)
+            state = s.h[..., -1, -1].clone()
+            target = _chunks(y, r0, r1, t0, t1, q)
+            out = _readout_block(s.h, b.C, _into(target, dtype))
+            if b.D is not None:
+                out.addcmul_(b.u, b.D)
+            if b.z is not None:
+                out.mul_(F.silu(b.z))
+            if out is not target:
+                target.copy_(out)
+            if for_backward:
+                starts[r0:r1, :, :, t0 // q0:t0 // q0 + s.chunk_start.shape[-1]] = s.chunk_start
+                _chunks(steps, r0, r1, t0, t1, q).copy_(b.dt)
+    return y, starts, steps
+
+
+def _chunked_backward(gy: Tensor, x: _Rows, starts: Tensor, delta_dtype: torch.dtype, softplus: bool,
+                      chunk_len: int, block_elements: int) -> list[Optional[Tensor]]:
+    """Gradients of sum(gy * y) for every field of ``x`` (whose ``delta`` holds the saved step sizes),
+    recomputing states chunk by chunk."""
+    dtype = compute_dtype(x.u)
+    rows, channels, length = x.u.shape
+    d_state = x.B.shape[1]
+    slabs, blocks = _plan(rows, channels, d_state, length, chunk_len, block_elements)
+    q0 = blocks[0][2]
+    du, dB, dC = (torch.empty_like(t) for t in (x.u, x.B, x.C))
+    ddelta = torch.empty_like(x.delta, dtype=delta_dtype)
+    dA = torch.zeros_like(x.A)
+    dD = None if x.D is None else torch.zeros_like(x.D)
+    dz = None if x.z is None else torch.empty_like(x.z)
+    dbias = None if x.delta_bias is None else torch.zeros_like(x.delta_bias)
+
+    for r0, r1 in slabs:
+        lam = x.A.new_zeros(r1 - r0, channels, d_state)  # adjoint flowing into the block's last token
+        for t0, t1, q in reversed(blocks):
+            b = _block(x, r0, r1, t0, t1, q, softplus, dtype, delta_is_dt=True)
+            nc = (t1 - t0) // q
+            s = _block_states(b, None, starts[r0:r1, :, :, t0 // q0:t0 // q0 + nc])
+            dt5 = b.dt.unsqueeze(2)
+            out = {name: _chunks(t, r0, r1, t0, t1, q) for name, t in
+                   (("u", du), ("delta", ddelta), ("B", dB), ("C", dC), ("z", dz)) if t is not None}
+            g = _chunks(gy, r0, r1, t0, t1, q).to(dtype)
+            if b.z is not None:
+                pre = _readout_block(s.h, b.C, None)
+                if b.D is not None:
+                    pre.addcmul_(b.u, b.D)
+                sig = torch.sigmoid(b.z)
+                out["z"].copy_(g * pre * sig * (1 + b.z * (1 - sig)))
+                g = g * b.z * sig
+            g5 = g.unsqueeze(2)
+            # adjoint within each chunk from zero at its end (G_t = sum_{s>=t} exp(cum_s - cum_t) C_s gy_s),
+            # then the adjoint entering each chunk's last token from later chunks
+            r = b.C * g5
+            adj = _cumsum((r / s.w).flip(-1)).flip(-1).mul_(s.w)
+            if s.exact is not None:
+                bad, _ = s.exact
+                next_decay = torch.exp(F.pad((dt5 * b.A)[..., 1:], (0, 1))).expand_as(s.x)
+                adj[bad] = linear_recurrence(next_decay[bad].flip(-1), r.expand_as(s.x)[bad].flip(-1)).flip(-1)
+            first_decay = torch.exp(b.A[..., 0] * dt5[..., 0])
+            incoming = _carry_backward(torch.exp(b.A[..., 0] * s.cdt[..., -1]), first_decay * adj[..., 0], lam)
+            adj.addcmul_(s.w, s.em * incoming.unsqueeze(-1))
+            if s.exact is not None:
+                bad, cum = s.exact
+                adj[bad] += torch.exp(cum[..., -1:] - cum) * incoming[bad].unsqueeze(-1)
+            lam = first_decay[..., 0] * adj[..., 0, 0]
+            grads = {"C": torch.sum(g5 * s.h, 1, out=_into(out["C"], dtype)),
+                     "B": torch.sum(adj * s.dtu, 1, out=_into(out["B"], dtype))}
+            ddtu = _sum(adj * b.B, 2)
+            # dL/d(dt*A) = G_t * a_t * h_{t-1}, formed directly: h_t - x_t would cancel under strong decay
+            decay_grad = torch.mul(dt5, b.A).exp_().mul_(adj)
+            decay_grad[..., 1:].mul_(s.h[..., :-1])
+            decay_grad[..., 0].mul_(s.chunk_start)
+            dA[r0:r1] += (decay_grad * dt5).sum((3, 4))
+            ddt = _sum(decay_grad * b.A, 2).addcmul_(ddtu, b.u)
+            grads["u"] = torch.mul(ddtu, b.dt, out=_into(out["u"], dtype))
+            if b.D is not None:
+                grads["u"].addcmul_(g, b.D)
+                dD[r0:r1] += (g * b.u).sum((2, 3))
+            if softplus:  # softplus' = sigmoid(delta + bias) = 1 - exp(-dt)
+                ddt = torch.mul(ddt, torch.neg(b.dt).expm1_(), out=_into(out["delta"], dtype)).neg_()
+            grads["delta"] = ddt
+            if dbias is not None:
+                dbias[r0:r1] += ddt.sum((2, 3))
+            for name, value in grads.items():
+                if value is not out[name]:
+                    out[name].copy_(value)
+    return [du, ddelta, dA, dB, dC, dD, dz, dbias]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Row-layout chunked scan; saves the inputs and one state per chunk, recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, chunk_len: int,
+                block_elements: int) -> Tensor:
+        x = _Rows(u, delta, A, B, C, D, z, delta_bias)
+        y, starts, steps = _chunked_forward(x, softplus, chunk_len, block_elements, for_backward=True)
+        ctx.save_for_backward(*x._replace(delta=steps), starts)
+        ctx.options = (delta.dtype, softplus, chunk_len, block_elements)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        *x, starts = ctx.saved_tensors
+        grads = _chunked_backward(gy, _Rows(*x), starts, *ctx.options)
+        return (*grads, None, None, None)
+
+
+def scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                 z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                 chunk_len: int = CHUNK_LEN, block_elements: Optional[int] = None) -> Tensor:
+    """The chunked scan with its hand-written backward (eager default of the ``torch`` backend).
+
+    Memory: the inputs, one (batch, channels, d_state) state per chunk and ``block_elements``-sized
+    temporaries; never the (batch, channels, d_state, length) state history.
+    """
+    dtype = compute_dtype(u)
+    if block_elements is None:
+        block_elements = BLOCK_ELEMENTS if u.device.type == "cpu" else 64 * BLOCK_ELEMENTS
+    batch, channels, length = u.shape
+    B, C = (t if t.dim() == 4 else t.unsqueeze(1) for t in (B, C))
+    groups, d_state = B.shape[1], B.shape[2]
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
+    rows, per_group = batch * groups, channels // groups
+
+    def per_row(t: Optional[Tensor], *shape: int) -> Optional[Tensor]:
+        if t is None:
+            return None
+        return t.to(dtype).reshape(groups, per_group, *shape).repeat(batch, *[1] * (len(shape) + 1))
+
+    x = _Rows(u.reshape(rows, per_group, length), delta.reshape(rows, per_group, length), per_row(A, d_state),
+              B.reshape(rows, d_state, length), C.reshape(rows, d_state, length), per_row(D),
+              None if z is None else z.reshape(rows, per_group, length), per_row(delta_bias))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in x):
+        y = _ChunkedScan.apply(*x, delta_softplus, chunk_len, block_elements)
+    else:
+        y = _chunked_forward(x, delta_softplus, chunk_len, block_elements, for_backward=False)[0]
+    return y.reshape(batch, channels, length)
+
+
+def scan_oddeven(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                 z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                 delta_softplus: bool = False) -> Tensor:
+    """The odd/even parallel scan over the whole sequence, differentiated by autograd.
+
+    Plain tensor ops only, so it traces into one graph for torch.compile, torch.export and ONNX; it
+    materialises the (batch, channels, d_state, length) history a few times over.
+    """
+    dtype = compute_dtype(u)
+    uc = u.to(dtype)
+    decay, drive = _discretize(uc, _step_size(delta, delta_bias, delta_softplus, dtype), A.to(dtype), B.to(dtype))
+    return _finish(_readout(linear_recurrence(decay, drive), C.to(dtype)), uc, D, z, u.dtype)
+
+
+def scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                    delta_softplus: bool = False) -> Tensor:
+    """A plain loop over time (``unbind``, so autograd's backward stays linear in length)."""
+    dtype = compute_dtype(u)
+    uc = u.to(dtype)
+    decay, drive = _discretize(uc, _step_size(delta, delta_bias, delta_softplus, dtype), A.to(dtype), B.to(dtype))
     state = torch.zeros_like(drive[..., 0])
     states = []
     for decay_t, drive_t in zip(decay.unbind(-1), drive.unbind(-1)):
         state = decay_t * state + drive_t
         states.append(state)
-    return _readout(torch.stack(states, dim=-1), u, C, D, z)
+    return _finish(_readout(torch.stack(states, dim=-1), C.to(dtype)), uc, D, z, u.dtype)
+
+
+def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    formulation = scan_oddeven if is_tracing(u) else scan_chunked
+    return formulation(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+# ----------------------------------------------------------------------------- mamba-ssm CUDA kernel
+#
+# mamba-ssm's ``SelectiveScanFn`` is an autograd.Function around its CUDA extension. Its static
+# forward/backward are called directly with a plain context object inside two torch.library custom
+# ops (custom-op kernels run below autograd, so the Function cannot be ``apply``-ed there); the
+# forward op gets its gradient from the backward op, and both have fake implementations so that
+# torch.compile / torch.export trace them as single opaque nodes. The backward op reruns the forward
+# kernel to rebuild the kernel's saved chunk states (one extra forward per backward); this uses only
+# the Function's forward/backward contract, which has been stable across mamba-ssm releases, not the
+# extension's raw signatures, which have not.
+
+
+class _KernelContext:
+    """Stands in for autograd's ``ctx`` when a Function's static forward/backward is called directly."""
+
+    def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
+        self.saved_tensors = tensors
+
+
+def _cuda_kernel() -> type:
+    kernel, reason = mamba_ssm_status()
+    if kernel is None:
+        raise RuntimeError(f"scan backend 'mamba_ssm' cannot run: {reason}")
+    return kernel
+
+
+@torch.library.custom_op("mambalab::selective_scan_cuda", mutates_args=())
+def selective_scan_cuda_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """mamba-ssm's selective scan as one opaque op that compile/export can trace through."""
+    return _cuda_kernel().forward(_KernelContext(), u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@selective_scan_cuda_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mambalab::selective_scan_cuda_backward", mutates_args=())
+def selective_scan_cuda_backward_op(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                                    delta_softplus: bool) -> list[Tensor]:
+    """Gradients for the given (non-None) inputs, in argument order."""
+    kernel, ctx = _cuda_kernel(), _KernelContext()
+    kernel.forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    grads = kernel.backward(ctx, grad.contiguous())
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return [g.clone() if g is t else g for g, t in zip(grads, inputs) if t is not None]
+
+
+@selective_scan_cuda_backward_op.register_fake
+def _(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return [torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+
+
+def _cuda_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:8])
+    ctx.delta_softplus = inputs[8]
+
+
+def _cuda_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    grads = iter(selective_scan_cuda_backward_op(grad, *saved, ctx.delta_softplus))
+    return (*(next(grads) if t is not None else None for t in saved), None)
+
+
+selective_scan_cuda_op.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
 
 
 def _scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    kernel, _ = mamba_ssm_status()
-    out = kernel(u, delta, A.float(), B, C, D=None if D is None else D.float(), z=z,
-                 delta_bias=None if delta_bias is None else delta_bias.float(),
-                 delta_softplus=delta_softplus)
+    out = selective_scan_cuda_op(u, delta, A.float(), B, C, None if D is None else D.float(), z,
+                                 None if delta_bias is None else delta_bias.float(), delta_softplus)
     return out.to(u.dtype)
 
 
-_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": _scan_reference, "mamba_ssm": _scan_mamba_ssm}
+# ----------------------------------------------------------------------------- public entry points
+
+_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm}
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,

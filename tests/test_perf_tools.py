@@ -1,0 +1,88 @@
+"""tools.doctor and tools.benchmark: they run end to end on tiny inputs and report what they claim."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from backbones import ssm
+from tools import benchmark, doctor
+
+
+def test_doctor_reports_every_backend_and_why_not(capsys):
+    info = doctor.collect()
+    assert set(info["scan_backends"]) == set(ssm.BACKENDS)
+    kernel, reason = ssm.mamba_ssm_status()
+    if kernel is None:
+        assert info["scan_backends"]["mamba_ssm"] == f"not usable: {reason}"
+    assert "CPU tensors -> torch" in info["scan_backends"]["auto"]
+    assert info["torch_threads"] == torch.get_num_threads()
+    doctor.main(["--json"])
+    assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
+    doctor.main([])
+    text = capsys.readouterr().out
+    assert "scan backends:" in text and "allocator" in text
+
+
+def test_scan_flops_follow_the_9bldn_rule():
+    model = timm.create_model("test_vmamba").eval()
+    expected = 0
+    for stage, dim in enumerate((8, 16, 32, 64)):  # test_vmamba: one block per stage, ssm_ratio 1, K = 4, N = 1
+        length = (8 // 2 ** stage) ** 2
+        expected += ssm.selective_scan_flops(1, length, 4 * dim, 1, with_D=True)
+    assert benchmark.scan_flops_of(model, torch.randn(1, 3, 32, 32)) == expected
+    assert ssm.selective_scan is benchmark.ssm.selective_scan  # the wrapper was removed again
+
+
+def test_stub_scan_removes_the_scan_but_keeps_shapes():
+    model = timm.create_model("test_vmamba").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        real = model(x)
+        with benchmark.wrap_scan(benchmark.stub_scan):
+            stubbed = model(x)
+        again = model(x)
+    assert stubbed.shape == real.shape and not torch.allclose(stubbed, real)
+    torch.testing.assert_close(again, real)
+
+
+def test_model_benchmark_writes_table_csv_and_plot(tmp_path):
+    benchmark.main(["--models", "test_vmamba", "--baseline", "test_convnext", "--batch", "2", "--image-size", "32",
+                    "--repeats", "1", "--warmup", "0", "--no-memory", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    assert [r["model"] for r in rows] == ["test_convnext", "test_vmamba"]
+    assert float(rows[0]["forward_ratio"]) == 1.0 and float(rows[1]["train_img_s"]) > 0
+    assert float(rows[1]["scan_gflops"]) > 0 and float(rows[0]["scan_gflops"]) == 0
+    assert "9·B·L·D·N" in (tmp_path / "benchmark.md").read_text()
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+    meta = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
+    assert meta["threads"] == torch.get_num_threads() and "allocator" in meta
+
+
+def test_scan_benchmark_and_memory_probe(tmp_path):
+    benchmark.main(["--scan", "--scan-shapes", "1x8x40x2", "--formulations", "chunked,oddeven,unbind,mamba_ref",
+                    "--repeats", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "scan.csv")))
+    assert {(r["formulation"], r["mode"]) for r in rows} == {
+        (f, m) for f in ("chunked", "oddeven", "unbind", "mamba_ref") for m in ("fwd", "fwd+bwd")}
+    assert all(float(r["peak_mb"]) >= 0 for r in rows)
+    assert all(float(r["speedup_vs_unbind"]) > 0 for r in rows)
+
+
+def test_scan_baselines_compute_the_same_scan():
+    inputs = benchmark.scan_inputs(2, 8, 37, 3, torch.device("cpu"))
+    expected = ssm.scan_sequential(**inputs, delta_softplus=True)
+    for name in ("chunked", "oddeven", "unbind", "mamba_ref"):
+        got = benchmark.scan_formulation(name)(**inputs, delta_softplus=True)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bad_arguments_are_rejected_with_the_choices():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--scan", "--formulations", "chunked,nope"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--scan-shapes", "1x2x3"])
