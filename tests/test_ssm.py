@@ -103,3 +103,13 @@ def test_mamba_ssm_matches_torch_on_cuda():
     torch.testing.assert_close(selective_scan(**inputs, delta_softplus=True, backend="mamba_ssm"),
                                selective_scan(**inputs, delta_softplus=True, backend="torch"),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_input_gets_a_gradient_at_length_one(backend):
+    """A 1x1 last stage scans length-1 sequences; DDP needs A in the graph there (its gradient is 0)."""
+    inputs = make_inputs(length=1, d_state=4)
+    tensors = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    selective_scan(**inputs, delta_softplus=True, backend=backend).sum().backward()
+    assert all(t.grad is not None for t in tensors.values())
+    assert torch.count_nonzero(tensors["A"].grad) == 0
