@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import AtrousScan
 from .ss2d import SS2D
-from .vmamba import PatchEmbed, PatchMerging, VMamba, VSSStage
+from .vmamba import PatchEmbed, PatchMerging, Stage, VMamba, VSSStage
 
 __all__ = ["BiAttn", "EfficientVMamba", "EVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn"]
 
@@ -79,23 +79,6 @@ class EVSSBlock(nn.Module):
         return x + self.drop_path(self.attn(self.mixer(normed)) + self.attn(local))
 
 
-class ConvStage(nn.Module):
-    """Optional downsample, then NCHW conv blocks (the inverted-residual stages)."""
-
-    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
-        self.grad_checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 class EfficientVMamba(VMamba):
     """EfficientVMamba image classifier / backbone (timm model API).
 
@@ -147,7 +130,7 @@ class EfficientVMamba(VMamba):
             else:
                 blocks = [InvertedResidual(dim, dim, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU, se_layer=se_layer,
                                            drop_path_rate=rate) for rate in stage_rates]
-                stages.append(ConvStage(downsample, blocks))
+                stages.append(Stage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self._init_head(dims[-1], num_classes, drop_rate)

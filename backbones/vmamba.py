@@ -110,8 +110,8 @@ class VSSBlock(nn.Module):
         return x
 
 
-class VSSStage(nn.Module):
-    """Optional downsample, then VSS blocks; NCHW in and out, channels-last inside."""
+class Stage(nn.Module):
+    """Optional downsample, then blocks on NCHW maps, with optional gradient checkpointing."""
 
     def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -119,14 +119,21 @@ class VSSStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)
+    def run_blocks(self, x: Tensor) -> Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             from timm.models import checkpoint_seq
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_blocks(self.downsample(x))
+
+
+class VSSStage(Stage):
+    """A stage of VSS blocks: NCHW in and out, channels-last inside."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_blocks(self.downsample(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class VMamba(HierarchicalFeaturesMixin, nn.Module):
