@@ -121,19 +121,25 @@ class SS2D(nn.Module):
         pattern: how the map is scanned; VMamba's 4-route cross scan by default.
         dropout: dropout after out_proj.
         scan_backend: selective-scan backend.
+        conv_layer: ``d_inner -> module`` building the spatial mixer used in place of the depthwise conv
+            (NCHW in and out), e.g. HRVMamba's deformable ``DCNv4``; ``d_conv``/``conv_bias`` are then unused.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank: Union[int, str] = "auto",
                  d_conv: int = 3, conv_bias: bool = True, gated: bool = True,
                  act_layer: Callable[[], nn.Module] = nn.SiLU,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, pattern: Optional[ScanPattern] = None,
-                 dropout: float = 0.0, scan_backend: str = "auto") -> None:
+                 dropout: float = 0.0, scan_backend: str = "auto",
+                 conv_layer: Optional[Callable[[int], nn.Module]] = None) -> None:
         super().__init__()
         d_inner = int(ssm_ratio * d_model)
         self.gated = gated
         self.in_proj = nn.Linear(d_model, 2 * d_inner if gated else d_inner, bias=False)
-        self.conv2d = (nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
-                                 bias=conv_bias) if d_conv > 1 else None)
+        if conv_layer is not None:
+            self.conv2d = conv_layer(d_inner)
+        else:
+            self.conv2d = (nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
+                                     bias=conv_bias) if d_conv > 1 else None)
         self.act = act_layer()
         self.pattern = pattern if pattern is not None else CrossScan()
         self.ssm = RouteSSM(d_inner, self.pattern.num_routes, d_state, resolve_dt_rank(dt_rank, d_model),
