@@ -94,9 +94,9 @@ class TensorImageDataset(Dataset):
         image = self.images[index].float().div_(255).unsqueeze(0)
         if self.augment:
             generator = torch.Generator().manual_seed(seed_for(self.seed, epoch, index))
-            top, left, flip = torch.randint(0, 5, (3,), generator=generator).tolist()
+            top, left = torch.randint(0, 5, (2,), generator=generator).tolist()
             image = F.pad(image, (2, 2, 2, 2))[:, top: top + 28, left: left + 28]
-            if flip % 2:
+            if torch.rand((), generator=generator) < 0.5:
                 image = image.flip(-1)
         if self.image_size != image.shape[-1]:
             image = F.interpolate(image[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
