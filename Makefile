@@ -13,10 +13,15 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-# Extras installed into .venv: tests cover the sweep launchers too.
-EXTRAS ?= dev,sweep
+# Extras installed into .venv: tests cover the sweep launchers, dense and medical tasks too.
+EXTRAS ?= dev,sweep,dense,medical
+# The demos read the real data files these packages ship; their own dependencies (TensorFlow, rasterio, ...)
+# are not needed for that, so they are installed without them.
+DATA_PACKAGES := stardist==0.9.2 deepforest==2.1.0
+# A prebuilt CPU mmcv 2.1.0 for CPython 3.11 / x86_64 / torch 2.14.1 (see docs/mm/README.md to build one).
+MMCV_WHEEL := $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl)
 
-.PHONY: install demo test test-slow test-all lint clean
+.PHONY: install mm demo test test-slow test-all lint clean
 
 install: $(STAMP)
 
@@ -25,7 +30,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(TORCH_PINS)
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
+
+# Optional OpenMMLab stack (mmdet/mmseg integration): the prebuilt mmcv wheel where it exists.
+mm: $(STAMP)
+ifeq ($(MMCV_WHEEL),)
+	@echo "no prebuilt mmcv wheel for this machine: build mmcv 2.1.0 from source as docs/mm/README.md shows"; exit 1
+else
+	$(PY) -m pip install -q "setuptools<81" $(MMCV_WHEEL) $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[$(EXTRAS),mm]' $(TORCH_PINS)
+endif
 
 # Fashion-MNIST ships in Debian's dataset-fashion-mnist; install it where apt exists and we may.
 $(FASHION_MNIST):

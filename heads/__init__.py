@@ -1,5 +1,9 @@
-"""Task heads that sit on a backbone's features (classification now; dense heads by name later)."""
+"""Task heads on backbone features: pooled (classification) or multi-scale (dense and medical)."""
 
 from .classification import LinearClassifier
+from .maskrcnn import MaskRCNN
+from .msvmunet import MSVMUNetDecoder
+from .upernet import FCNHead, UPerHead, UperNet
+from .vmunet import VMUNetDecoder
 
-__all__ = ["LinearClassifier"]
+__all__ = ["FCNHead", "LinearClassifier", "MSVMUNetDecoder", "MaskRCNN", "UPerHead", "UperNet", "VMUNetDecoder"]

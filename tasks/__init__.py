@@ -2,5 +2,8 @@
 
 from .base import BackboneHeadTask
 from .classification import ClassificationTask
+from .detection import DetectionTask
+from .medseg import MedicalSegmentationTask
+from .segmentation import SegmentationTask
 
-__all__ = ["BackboneHeadTask", "ClassificationTask"]
+__all__ = ["BackboneHeadTask", "ClassificationTask", "DetectionTask", "MedicalSegmentationTask", "SegmentationTask"]

@@ -59,3 +59,44 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_poly(optimizer: Optimizer, total_steps: int, warmup_steps: int = 1500, warmup_start_factor: float = 1e-6,
+                power: float = 1.0, min_lr_ratio: float = 0.0) -> LambdaLR:
+    """mmseg's ADE20K schedule, per step: linear warm-up from ``warmup_start_factor`` of the base rate to the
+    base rate over ``warmup_steps``, then polynomial decay ``(1 - progress) ** power`` to ``min_lr_ratio`` of it.
+
+    Equals mmengine's ``LinearLR(start_factor, end=warmup_steps)`` followed by
+    ``PolyLR(eta_min=min_lr_ratio * lr, power, begin=warmup_steps, end=total_steps)``.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress) ** power
+
+    return LambdaLR(optimizer, factor)
+
+
+def warmup_multistep(optimizer: Optimizer, total_steps: int, milestones: Iterable[float], epochs: int,
+                     gamma: float = 0.1, warmup_steps: int = 1000, warmup_start_factor: float = 0.001) -> LambdaLR:
+    """mmdet's detection schedule, per step: the rate drops by ``gamma`` at each milestone epoch, multiplied
+    during the first ``warmup_steps`` by a linear warm-up from ``warmup_start_factor`` to 1.
+
+    Equals mmengine's ``LinearLR(start_factor, end=warmup_steps)`` chained with
+    ``MultiStepLR(milestones, gamma, by_epoch=True)``. Milestones are epochs (of ``epochs`` in all), turned
+    into steps with the trainer's step count, so the schedule follows ``max_epochs`` and gradient accumulation.
+    """
+    if epochs < 1:
+        raise ValueError(f"warmup_multistep: epochs must be >= 1 (the trainer's max_epochs), got {epochs}")
+    steps_per_epoch = total_steps / epochs
+    boundaries = sorted(round(m * steps_per_epoch) for m in milestones)
+
+    def factor(step: int) -> float:
+        scale = gamma ** sum(step >= boundary for boundary in boundaries)
+        if step < warmup_steps:
+            scale *= warmup_start_factor + (1 - warmup_start_factor) * step / warmup_steps
+        return scale
+
+    return LambdaLR(optimizer, factor)

@@ -10,23 +10,43 @@ import pytest
 import backbones
 from run import build_task, instantiate_group
 from tests.conftest import CONF_DIR, compose_config
+from tests.dense_fixtures import make_ade20k, make_coco, make_nuclei, make_trees
+from tests.fixtures import make_fashion_mnist, make_imagefolder
+from tests.medical_fixtures import make_acdc, make_isic, make_synapse
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 BACKBONE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
 
 
-def data_overrides(cfg, fashion_dir: Path, imagefolder_dir: Path) -> list[str]:
-    target = cfg.data._target_
-    return [f"data.data_dir={fashion_dir}"] if "FashionMNIST" in target else [f"data.root={imagefolder_dir}"]
+# The on-disk fixture each datamodule reads, and the config key that points at it.
+DATA_FIXTURES = {
+    "FashionMNISTDataModule": ("data_dir", make_fashion_mnist), "ImageFolderDataModule": ("root", make_imagefolder),
+    "ADE20KDataModule": ("root", make_ade20k), "COCODataModule": ("root", make_coco),
+    "NucleiDataModule": ("data_dir", make_nuclei), "TreeCrownsDataModule": ("data_dir", make_trees),
+    "SynapseDataModule": ("root", make_synapse), "ACDCDataModule": ("root", make_acdc),
+    "IsicDataModule": ("root", make_isic), "BrainTissueDataModule": (None, None),
+}
+
+
+def data_overrides(cfg, tmp_path: Path) -> list[str]:
+    """Point the datamodule at a tiny fixture in its real format (the brain demo reads the data nilearn ships)."""
+    name = cfg.data._target_.rsplit(".", 1)[-1]
+    key, make = DATA_FIXTURES[name]
+    return [f"data.{key}={make(tmp_path / 'data')}"] if make else []
+
+
+def teacher_overrides(cfg) -> list[str]:
+    """Recipes with a distillation teacher read its weights from disk; build it untrained here."""
+    return ["task.teacher.pretrained=false"] if cfg.task.get("teacher") else []
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, tmp_path, fashion_dir, imagefolder_dir):
+def test_experiment_composes_and_instantiates(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
-    cfg = compose_config([f"experiment={experiment}", *data_overrides(cfg, fashion_dir, imagefolder_dir),
+    cfg = compose_config([f"experiment={experiment}", *data_overrides(cfg, tmp_path), *teacher_overrides(cfg),
                           "data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
     datamodule, task = build_task(cfg)
-    assert task.head.fc.out_features == datamodule.num_classes
+    assert task.hparams.num_classes == datamodule.num_classes
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks),
                                       logger=instantiate_group(cfg.logger) or False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
