@@ -49,6 +49,22 @@ def instantiate_group(config: Optional[DictConfig]) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in config.values() if entry and "_target_" in entry]
 
 
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The Trainer with the configured callbacks and loggers.
+
+    Without a logger there is nowhere to record learning rates, so ``LearningRateMonitor`` (which
+    refuses to run without one) is left out rather than failing the run.
+    """
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:
+        kept = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+        if len(kept) < len(callbacks):
+            log.info("logger=none: the learning-rate monitor is off (it needs a logger)")
+        callbacks = kept
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
 def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], dict]]:
     """What the backbone is built to return for this head, and what the head is told about it.
 
@@ -143,8 +159,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     record_run(cfg, output_dir)
 
     datamodule, task = build_task(cfg)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                                      logger=instantiate_group(cfg.get("logger")) or False)
+    trainer = build_trainer(cfg)
     if cfg.mode == "eval":
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -8,7 +8,7 @@ import hydra
 import pytest
 
 import backbones
-from run import build_task, instantiate_group
+from run import build_task, build_trainer
 from tests.conftest import CONF_DIR, compose_config
 from tests.dense_fixtures import make_ade20k, make_coco, make_nuclei, make_trees
 from tests.fixtures import make_fashion_mnist, make_imagefolder
@@ -47,9 +47,19 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
                           "data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
     datamodule, task = build_task(cfg)
     assert task.hparams.num_classes == datamodule.num_classes
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks),
-                                      logger=instantiate_group(cfg.logger) or False)
+    trainer = build_trainer(cfg)
     assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_logger_none_drops_only_the_learning_rate_monitor(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    with_logger = build_trainer(compose_config([], tmp_path))
+    assert any(isinstance(c, LearningRateMonitor) for c in with_logger.callbacks)
+    trainer = build_trainer(compose_config(["logger=none"], tmp_path))
+    assert trainer.logger is None
+    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+    assert any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks)
 
 
 def test_every_backbone_has_a_config_and_every_config_a_backbone():
