@@ -12,9 +12,8 @@ module's names (official stage i ends with its downsample, ours starts stage i +
 
 from __future__ import annotations
 
-import re
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Union
 
 import torch
 from timm.layers import DropPath
@@ -22,6 +21,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from torch import Tensor, nn
 
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import AtrousScan
 from .ss2d import SS2D
@@ -139,8 +139,7 @@ class EfficientVMamba(VMamba):
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
 # Official EVSS stages are ``layers.i.{blocks,downsample}``; the inverted-residual stages are flat
 # sequences ``layers.i.{0: permute, 1..depth: blocks, depth + 1: permute, depth + 2: downsample}``.
-_Rules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
-OFFICIAL_KEY_RULES: _Rules = [
+OFFICIAL_KEY_RULES: KeyRules = [
     (r"^patch_embed\.0\.", "stem.proj."),
     (r"^patch_embed\.2\.", "stem.norm."),
     (r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample."),
@@ -162,23 +161,9 @@ OFFICIAL_KEY_RULES: _Rules = [
 ]
 
 
-def _unwrap(checkpoint: Dict) -> Dict[str, Tensor]:
-    """The state dict inside a checkpoint (``state_dict`` / ``model`` / ``state_dict_ema``), unprefixed.
-
-    The released checkpoints come from a DDP-wrapped trainer, hence the (repeated) ``module.`` prefixes.
-    """
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
-
-
 def rename_official_key(key: str) -> str:
     """One official key in our layout, using ``OFFICIAL_KEY_RULES``."""
-    for pattern, replacement in OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_key(key, OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
@@ -186,7 +171,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
     A state dict already in our layout passes through unchanged.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict, ("state_dict", "model", "state_dict_ema", "model_ema"))
     if any(k.startswith("stem.") for k in state_dict):
         return state_dict
     return {rename_official_key(k): v for k, v in state_dict.items()}

@@ -17,7 +17,6 @@ module's names (see the rule list for the mapping; no shapes change).
 from __future__ import annotations
 
 import math
-import re
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +26,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .layers import LayerNorm2d
 from .scan_patterns import CrossScan, RouteConcat
@@ -370,8 +370,7 @@ class GroupMamba(nn.Module):
 # convs, conv.{1,4,7} BatchNorms, proj, norm), ``patch_embed{2..4}.{proj,norm}``, ``block{s}.{j}``,
 # ``norm{1..3}`` after stages 1-3, ``norm4`` on the class token, ``post_network.0`` (class block),
 # ``head``, ``dist_head``; inside a layer ``attn.{norm, fc1, fc2, skip_scale, proj, mamba_g{1..4}}``.
-_Rules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
-OFFICIAL_KEY_RULES: _Rules = [
+OFFICIAL_KEY_RULES: KeyRules = [
     (r"^patch_embed1\.conv\.([036])\.", lambda m: f"stem.conv{int(m[1]) // 3 + 1}."),
     (r"^patch_embed1\.conv\.([147])\.", lambda m: f"stem.bn{int(m[1]) // 3 + 1}."),
     (r"^patch_embed1\.(proj|norm)\.", r"stem.\1."),
@@ -393,18 +392,7 @@ OFFICIAL_KEY_RULES: _Rules = [
 
 def rename_official_key(key: str) -> str:
     """One official key in our layout, using ``OFFICIAL_KEY_RULES``."""
-    for pattern, replacement in OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def _unwrap(checkpoint: Dict) -> Dict[str, Tensor]:
-    """The state dict inside a checkpoint (``model`` / ``state_dict`` / ``model_ema``), without DDP prefixes."""
-    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
+    return rename_key(key, OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
@@ -413,7 +401,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     A state dict already in our layout passes through unchanged; with a model built without the
     distillation head, the official ``dist_head`` weights are dropped.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if not any(k.startswith("stem.") for k in state_dict):
         state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
     if getattr(model, "head_dist", None) is None:

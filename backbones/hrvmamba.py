@@ -25,7 +25,6 @@ Key layout: the official names are kept except inside the DVSS blocks; ``OFFICIA
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .dcnv4 import DCNv4
 from .layers import LayerNorm2d
@@ -382,8 +382,7 @@ class HRVMamba(nn.Module):
 # ``norm0`` / ``conv2d.{0..3}`` (ESInB), ``norm`` (before DSS2D) and ``op`` (DSS2D, its DCNv4 named
 # ``op.conv2d``) are ours ``local.norm`` / ``local.convs.{0..3}``, ``norm1`` and ``mixer`` (SSM
 # parameters under ``mixer.ssm``). Stem, stage 1, transitions, exchange units, neck and head keep their names.
-_Rules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
-OFFICIAL_KEY_RULES: _Rules = [
+OFFICIAL_KEY_RULES: KeyRules = [
     (r"(\.branches\.\d+\.\d+)\.norm0\.", r"\1.local.norm."),
     (r"(\.branches\.\d+\.\d+)\.conv2d\.(\d+)\.", r"\1.local.convs.\2."),
     (r"(\.branches\.\d+\.\d+)\.norm\.", r"\1.norm1."),
@@ -394,22 +393,16 @@ OFFICIAL_KEY_RULES: _Rules = [
 
 def rename_official_key(key: str) -> str:
     """One official key in our layout, using ``OFFICIAL_KEY_RULES``."""
-    for pattern, replacement in OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_key(key, OFFICIAL_KEY_RULES)
 
 
-def _unwrap(checkpoint: Dict) -> Dict[str, Tensor]:
+def _backbone_weights(checkpoint: Dict) -> Dict[str, Tensor]:
     """The backbone state dict inside a checkpoint, without DDP prefixes.
 
     Classification checkpoints hold it under ``model``; mmpose/mmseg ones under ``state_dict`` with a
     ``backbone.`` prefix next to the task head's keys, which are dropped.
     """
-    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
+    state_dict = unwrap_state_dict(checkpoint)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     return state_dict
@@ -423,7 +416,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     match ``multiscale_output=False`` models; loading them into the default (multiscale) model leaves
     the extra exchange layers of the last module and the neck to be trained.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = _backbone_weights(state_dict)
     if not any(".local.convs." in k for k in state_dict):
         state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
     if getattr(model, "neck", None) is None:

@@ -21,7 +21,7 @@ are swapped on conversion).
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import CrossScan, RouteConcat, ScanPattern
 from .ss2d import RouteSSM, resolve_dt_rank
@@ -250,8 +251,7 @@ class MSVMamba(VMamba):
 
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
 # Official stage i ends with its downsample; ours starts stage i + 1 with it.
-_Rules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
-_BODY_RULES: _Rules = [
+_BODY_RULES: KeyRules = [
     (r"^layers\.(\d+)\.downsample\.(reduction|norm)\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}."),
     (r"^layers\.(\d+)\.downsample\.1\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
     (r"^layers\.(\d+)\.downsample\.3\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
@@ -268,7 +268,7 @@ _BODY_RULES: _Rules = [
     (r"^classifier\.norm\.", "norm."),
     (r"^classifier\.head\.", "head."),
 ]
-OFFICIAL_KEY_RULES: Dict[str, _Rules] = {
+OFFICIAL_KEY_RULES: Dict[str, KeyRules] = {
     # master branch: patch-4 stem (conv, permute, norm), patch merging.
     "v1": [(r"^patch_embed\.0\.", "stem.proj."), (r"^patch_embed\.2\.", "stem.norm."), *_BODY_RULES],
     # v2 branch: overlapping stem (conv, -, norm, -, GELU, conv, -, norm), conv downsampling.
@@ -279,15 +279,6 @@ OFFICIAL_KEY_RULES: Dict[str, _Rules] = {
 _SSM_KEY = re.compile(r"\.mixer\.ssm\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$")
 
 
-def _unwrap(checkpoint: Dict) -> Dict[str, Tensor]:
-    """The state dict inside an official checkpoint (``model`` / ``state_dict`` / ``model_ema``), unprefixed."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
-
-
 def _swap_scale_groups(value: Tensor) -> Tensor:
     """Exchange the two stacked SSM parameter sets (leading axis 2 or 2 * d_inner)."""
     return value.reshape(2, -1, *value.shape[1:]).flip(0).reshape(value.shape)
@@ -295,9 +286,7 @@ def _swap_scale_groups(value: Tensor) -> Tensor:
 
 def rename_official_key(key: str, generation: str) -> str:
     """One official key in our layout, using the ``OFFICIAL_KEY_RULES`` of "v1" or "v3"."""
-    for pattern, replacement in OFFICIAL_KEY_RULES[generation]:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_key(key, OFFICIAL_KEY_RULES[generation])
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
@@ -308,7 +297,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     checkpoint holding both, the ``model`` weights are used; pass ``checkpoint["model_ema"]`` for the
     EMA ones. A state dict already in our layout passes through unchanged.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("stem.") for k in state_dict):
         return state_dict
     generation = "v3" if "patch_embed.5.weight" in state_dict else "v1"
