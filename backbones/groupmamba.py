@@ -31,7 +31,7 @@ from ._features import create_hierarchical, imagenet_cfg
 from .layers import LayerNorm2d
 from .scan_patterns import CrossScan, RouteConcat
 from .ss2d import SS2D
-from .vmamba import ConvDownsample
+from .vmamba import ConvDownsample, Stage
 
 __all__ = ["ClassBlock", "GroupMamba", "GroupMambaBlock", "ModulatedGroupMamba", "OFFICIAL_KEY_RULES",
            "checkpoint_filter_fn", "rename_official_key"]
@@ -171,24 +171,15 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x))
 
 
-class GroupMambaStage(nn.Module):
+class GroupMambaStage(Stage):
     """Optional downsample, blocks (channels-last), then the stage norm; NCHW in and out."""
 
     def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module], norm: nn.Module) -> None:
-        super().__init__()
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
+        super().__init__(downsample, blocks)
         self.norm = norm
-        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x).permute(0, 3, 1, 2)
+        return self.norm(self.run_blocks(self.downsample(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
 class GroupMamba(nn.Module):
