@@ -21,14 +21,14 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .scan_patterns import CrossScan, RouteConcat
 from .ss2d import SS2D
 from .vmamba import ConvDownsample, Stage
@@ -251,11 +251,8 @@ class GroupMamba(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """The official init: truncated-normal linears, fan-out normal convs; SSM parameters keep Mamba's."""
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d):
+        init_linear_trunc_normal(module)
+        if isinstance(module, nn.Conv2d):
             fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
             nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
             if module.bias is not None:
@@ -264,7 +261,7 @@ class GroupMamba(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return flagged_no_weight_decay(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, DropPath, Mlp, trunc_normal_
+from timm.layers import ConvNormAct, DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .dcnv4 import DCNv4
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .ss2d import SS2D, resolve_dt_rank
 
 __all__ = ["DVSSBlock", "HRVMamba", "HRVMambaModule", "MultiScaleDWConv", "OFFICIAL_KEY_RULES",
@@ -294,15 +294,12 @@ class HRVMamba(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         """The official classification init: truncated-normal linears (DCNv4's offset/mask projection
         included); convs, norms and SSM parameters keep their defaults."""
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_linear_trunc_normal(module)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return flagged_no_weight_decay(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

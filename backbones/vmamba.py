@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._features import HierarchicalFeaturesMixin, create_hierarchical, imagenet_cfg
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .ss2d import SS2D
 
 __all__ = ["VMamba", "VSSBlock"]
@@ -196,15 +196,12 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """Truncated-normal linear layers as the official models; SSM parameters keep Mamba's init."""
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_linear_trunc_normal(module)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return flagged_no_weight_decay(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -23,9 +23,9 @@ from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from backbones.layers import init_linear_trunc_normal
 from backbones.vmamba import VSSBlock
 
 __all__ = ["PatchExpand", "VMUNetDecoder", "pixel_expand"]
@@ -112,11 +112,8 @@ class VMUNetDecoder(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """Truncated-normal linear layers and unit LayerNorms, as the reference's ``_init_weights``."""
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        init_linear_trunc_normal(module)
+        if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
