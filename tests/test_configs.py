@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 
 import backbones
 from run import build_task, build_trainer
@@ -99,3 +100,16 @@ def test_fsdp_preset_wraps_every_backbone_block(tmp_path):
     assert isinstance(strategy, FSDPStrategy)
     assert VSSBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
     assert VSSBlock in backbones.block_classes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKBONE_CONFIGS)
+def test_every_backbone_trains_on_the_default_data(name, tmp_path, fashion_dir):
+    """``run.py backbone=<name> trainer.fast_dev_run=true``, in process: one training and one validation batch."""
+    cfg = compose_config([f"backbone={name}", f"data.data_dir={fashion_dir}", "data.num_workers=0", "data.batch_size=2",
+                          "trainer.fast_dev_run=true", "logger=none", "callbacks=none"], tmp_path)
+    datamodule, task = build_task(cfg)
+    before = [p.detach().clone() for p in task.backbone.parameters()]
+    build_trainer(cfg).fit(task, datamodule=datamodule)
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, task.backbone.parameters()))
+    assert changed > len(before) // 2, f"{name}: only {changed} of {len(before)} backbone tensors were updated"
