@@ -9,12 +9,12 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vmamba
+from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
 from .ssm import selective_scan
 
 __all__ = ["block_classes", "create_backbone", "list_backbones", "selective_scan"]
 
-_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba)
+_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim)
 
 
 def list_backbones() -> list[str]:

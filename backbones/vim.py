@@ -1,0 +1,448 @@
+"""Vim (Vision Mamba): a plain stack of bidirectional Mamba mixers over patch tokens (hustvl/Vim, ICML 2024).
+
+Tokens are 16x16 patches (stride 16, or 8 for the "+" fine-tuned models) with a class token inserted in
+the MIDDLE of the sequence (index M // 2 of M patches) before the absolute position embedding is added;
+the classifier reads that token after the final RMSNorm. Blocks follow the Mamba language model's
+Add -> Norm -> Mixer order, passing ``(hidden, residual)`` with the residual stream kept in float32, and
+have no MLP.
+
+The mixer is the released models' "v2" bidirectional Mamba: one input and one output projection, and
+per direction its own causal depthwise conv1d, x/dt projections, A and D; the backward direction runs
+on the reversed sequence. Here the two directions are the two routes of the shared ``BidirectionalScan``
+pattern and the per-direction SSM parameters one ``RouteSSM`` with K = 2, so both directions are one
+grouped scan call. Summing the gated outputs and halving them, as the released models do, equals
+gating the average of the two directions, which is what ``BidirectionalScan.merge`` returns.
+
+Dense features: ``forward_intermediates`` taps the residual stream after four blocks (the official
+segmentation taps 5/11/17/23 of 24), as (B, D, H/s, W/s) maps without the class token. Built with
+``features_only=True`` the model also gets a simple feature pyramid (BEiT/ViTDet style: transposed
+convs up, identity, max-pool down) that turns the taps into strides 4/8/16/32, so Vim plugs into the
+same dense heads as the hierarchical families; the classifier has no pyramid (its parameter count is
+the official one).
+
+Position embeddings follow the input size: a grid other than the stored one is resampled bicubically
+with the class-token row taken out at its middle position and put back at the new middle (the
+official ``interpolate_pos_embed`` assumes a leading class token and mixes the middle one into the
+grid; we do not copy that). ``checkpoint_filter_fn`` converts the released checkpoints, including a
+stride-16 checkpoint into a stride-8 model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+
+from ._checkpoint import unwrap_state_dict
+from ._features import imagenet_cfg
+from .layers import flagged_no_weight_decay
+from .scan_patterns import BidirectionalScan
+from .ss2d import RouteSSM, resolve_dt_rank
+
+__all__ = ["BiMambaMixer", "VimBlock", "VisionMamba", "checkpoint_filter_fn", "resample_pos_embed"]
+
+
+class BiMambaMixer(nn.Module):
+    """Vim's bidirectional ("v2") Mamba mixer on (batch, length, dim) tokens.
+
+    Args:
+        dim: token width.
+        d_state: SSM state size.
+        expand: inner width as a multiple of ``dim``.
+        d_conv: kernel of the causal depthwise conv1d of each direction.
+        dt_rank: rank of the dt projections ("auto" = ceil(dim / 16)).
+        scan_backend: selective-scan backend.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: Union[int, str] = "auto", scan_backend: str = "auto") -> None:
+        super().__init__()
+        d_inner = expand * dim
+        self.pattern = BidirectionalScan()
+        routes = self.pattern.num_routes
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        # One depthwise conv over the routes' channels: route k's channels hold direction k's kernels.
+        self.conv1d = nn.Conv1d(routes * d_inner, routes * d_inner, d_conv, groups=routes * d_inner,
+                                padding=d_conv - 1)
+        self.act = nn.SiLU()
+        self.ssm = RouteSSM(d_inner, routes, d_state, resolve_dt_rank(dt_rank, dim), scan_backend=scan_backend)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        routes = self.pattern.scan(x.transpose(1, 2))
+        batch, num_routes, channels, _ = routes.shape
+        routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
+        routes = self.act(routes).view(batch, num_routes, channels, length)
+        y = self.pattern.merge(self.ssm(routes), (length,))
+        return self.out_proj(y.transpose(1, 2) * F.silu(z))
+
+
+class VimBlock(nn.Module):
+    """Add -> RMSNorm -> mixer, as the Mamba language model orders it; no MLP.
+
+    ``forward(hidden, residual)`` adds the previous block's (drop-path'ed) output to the float32 residual
+    stream, normalises it and mixes; it returns the new ``(hidden, residual)``. The first block gets
+    ``residual=None`` and uses its input as the residual.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        return hidden, residual.float()
+
+
+def _pyramid_level(dim: int, scale: float) -> nn.Module:
+    """Resample a (B, dim, h, w) map by ``scale`` (a power of 2): transposed convs up (BatchNorm + GELU
+    between them), identity, or max-pooling down."""
+    if scale == 1:
+        return nn.Identity()
+    if scale < 1:
+        return nn.MaxPool2d(round(1 / scale))
+    layers: List[nn.Module] = []
+    for step in range(round(math.log2(scale))):
+        if step:
+            layers += [nn.BatchNorm2d(dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, dim, 2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
+    """A (1, M + 1, D) position embedding with the class token at index M // 2, for another patch grid.
+
+    The class row is taken out, the M patch rows are resized bicubically as a grid, and the class row is
+    put back at the new grid's middle index.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return pos_embed
+    old_middle = old_grid[0] * old_grid[1] // 2
+    cls_row = pos_embed[:, old_middle: old_middle + 1]
+    patches = torch.cat((pos_embed[:, :old_middle], pos_embed[:, old_middle + 1:]), dim=1)
+    patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False)
+    patches = patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+    new_middle = new_grid[0] * new_grid[1] // 2
+    return torch.cat((patches[:, :new_middle], cls_row, patches[:, new_middle:]), dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify: (B, C, H, W) -> (B, D, (H - p) // s + 1, (W - p) // s + 1)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int) -> None:
+        super().__init__()
+        self.patch_size, self.stride = patch_size, stride
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=stride)
+
+    def grid(self, height: int, width: int) -> Tuple[int, int]:
+        if min(height, width) < self.patch_size:
+            raise ValueError(f"Vim: input {height}x{width} is smaller than one {self.patch_size}-pixel patch")
+        return (height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class VisionMamba(nn.Module):
+    """Vim image classifier / plain backbone (timm model API).
+
+    Args:
+        img_size: input size the position embedding is stored for (other sizes are resampled).
+        patch_size: patch side.
+        stride: patch stride (16, or 8 for the "+" models).
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 gives pooled features.
+        embed_dim: token width D.
+        depth: number of blocks.
+        d_state: SSM state size.
+        expand: mixer inner width as a multiple of D.
+        drop_rate: dropout after the position embedding and before the head.
+        drop_path_rate: stochastic depth; block i gets linspace(0, rate, depth)[i - 1] (block 0 none), and
+            the last block's output gets ``rate``, as the official model does.
+        global_pool: "token" (the middle class token, as released), "avg" (mean of the patch tokens) or
+            "" (all tokens).
+        feature_taps: blocks whose residual stream ``forward_intermediates`` returns (default: the last
+            block of each quarter, i.e. 5/11/17/23 for 24 blocks).
+        feature_pyramid: add the stride-4/8/16/32 pyramid over the taps (set for ``features_only``).
+        scan_backend: selective-scan backend.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, global_pool: str = "token",
+                 feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
+                 scan_backend: str = "auto") -> None:
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
+        self.grid = self.patch_embed.grid(img_size, img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth - 1)]
+        self.layers = nn.ModuleList(VimBlock(embed_dim, rates[i], d_state=d_state, expand=expand,
+                                             scan_backend=scan_backend) for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_taps = list(feature_taps or [depth * (q + 1) // 4 - 1 for q in range(4)])
+        self.grad_checkpointing = False
+        if feature_pyramid:
+            self.feature_pyramid = nn.ModuleList(_pyramid_level(embed_dim, stride / r) for r in (4, 8, 16, 32))
+            reductions = [4, 8, 16, 32]
+        else:
+            self.feature_pyramid, reductions = None, [stride] * len(self.feature_taps)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=r, module=f"layers.{tap}")
+                             for r, tap in zip(reductions, self.feature_taps)]
+        self._init_weights(depth)
+
+    @torch.no_grad()
+    def _init_weights(self, depth: int) -> None:
+        """The official init: trunc-normal tokens and head, LeCun-normal patch conv, zero linear biases
+        (the dt biases keep Mamba's init), and Mamba's rescaled out_proj (kaiming-uniform / sqrt(depth))."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for block in self.layers:
+            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
+            block.mixer.out_proj.weight /= math.sqrt(depth)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token"} | flagged_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
+                                                                         (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Patch tokens with the class token at the middle index and the position embedding added."""
+        grid = self.patch_embed.grid(*x.shape[-2:])
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        middle = x.shape[1] // 2
+        x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
+        return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid)), grid
+
+    def _run_block(self, block: VimBlock, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(block, hidden, residual, use_reentrant=False)
+        return block(hidden, residual)
+
+    def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.norm_f((residual + self.drop_path(hidden)).to(self.norm_f.weight.dtype))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """The residual stream after the tap blocks in ``indices`` (of ``feature_taps``; all by default) as
+        NCHW maps without the class token; through the feature pyramid when the model has one."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_taps), indices)
+        taps = {self.feature_taps[i]: i for i in take_indices}
+        last_block = self.feature_taps[max_index] if stop_early else len(self.layers) - 1
+        hidden, grid = self._tokens(x)
+        residual, intermediates = None, []
+        for index, block in enumerate(self.layers[: last_block + 1]):
+            hidden, residual = self._run_block(block, hidden, residual)
+            if index in taps:
+                stream = residual + hidden
+                middle = stream.shape[1] // 2
+                tokens = torch.cat((stream[:, :middle], stream[:, middle + 1:]), dim=1)
+                feature = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                if self.feature_pyramid is not None:
+                    feature = self.feature_pyramid[taps[index]](feature)
+                intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
+        if intermediates_only:
+            return intermediates
+        return self._final_norm(hidden, residual), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last requested tap (and the final norm / head when asked)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_taps), indices)
+        self.layers = self.layers[: self.feature_taps[max_index] + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """All tokens after the final norm, (B, M + 1, D), the class token at index M // 2."""
+        hidden, _ = self._tokens(x)
+        residual = None
+        for block in self.layers:
+            hidden, residual = self._run_block(block, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        middle = (x.shape[1] - 1) // 2
+        if self.global_pool == "token":
+            x = x[:, middle]
+        elif self.global_pool == "avg":
+            x = torch.cat((x[:, :middle], x[:, middle + 1:]), dim=1).mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Official per-direction mixer tensors -> our stacked RouteSSM / grouped conv (forward route first).
+_STACKED = {"x_proj.weight": ("ssm.x_proj_weight", torch.stack),
+            "dt_proj.weight": ("ssm.dt_projs_weight", torch.stack),
+            "dt_proj.bias": ("ssm.dt_projs_bias", torch.stack), "A_log": ("ssm.A_logs", torch.cat),
+            "D": ("ssm.Ds", torch.cat), "conv1d.weight": ("conv1d.weight", torch.cat),
+            "conv1d.bias": ("conv1d.bias", torch.cat)}
+
+
+def _backward_name(name: str) -> str:
+    """The official name of the backward direction's tensor: ``A_log`` -> ``A_b_log``, ``D`` -> ``D_b``,
+    ``x_proj.weight`` -> ``x_proj_b.weight``."""
+    if name == "A_log":
+        return "A_b_log"
+    if name == "D":
+        return "D_b"
+    module, param = name.split(".")
+    return f"{module}_b.{param}"
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tensor]:
+    """Convert a released Vim checkpoint (``{'model': ..., 'args': Namespace}``) to this module's keys.
+
+    Top-level names (``patch_embed``, ``cls_token``, ``pos_embed``, ``layers.i.{norm,mixer.in_proj,
+    mixer.out_proj}``, ``norm_f``, ``head``) are kept; each block's forward/backward tensors
+    (``x_proj``/``x_proj_b``, ``dt_proj``/``dt_proj_b``, ``A_log``/``A_b_log``, ``D``/``D_b``,
+    ``conv1d``/``conv1d_b``) are stacked into the two routes. The position embedding is resampled when
+    the model's grid differs (a stride-16 checkpoint into a stride-8 model). A model with a feature
+    pyramid keeps its own (initial) pyramid weights. A state dict already in our layout passes through.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(".mixer.ssm." in key for key in state_dict):
+        return state_dict
+    out: Dict[str, Tensor] = {}
+    backward_names = {_backward_name(name) for name in _STACKED}
+    for key, value in state_dict.items():
+        prefix, _, name = key.partition(".mixer.")
+        if name in _STACKED:
+            target, join = _STACKED[name]
+            out[f"{prefix}.mixer.{target}"] = join((value, state_dict[f"{prefix}.mixer.{_backward_name(name)}"]))
+        elif name not in backward_names:
+            out[key] = value
+    if "pos_embed" in out:
+        stored = out["pos_embed"].shape[1] - 1
+        side = math.isqrt(stored)
+        if side * side != stored:
+            raise ValueError(f"Vim checkpoint: pos_embed has {stored} patch rows, not a square grid")
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], (side, side), model.grid)
+    if getattr(model, "feature_pyramid", None) is not None:
+        out.update({k: v for k, v in model.state_dict().items() if k.startswith("feature_pyramid.")})
+    return out
+
+
+def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    kwargs.setdefault("feature_pyramid", bool(kwargs.get("features_only")))
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return imagenet_cfg(**{"first_conv": "patch_embed.proj", "classifier": "head", "pool_size": None,
+                           "license": "apache-2.0", "paper_ids": "arXiv:2401.09417", **kwargs})
+
+
+default_cfgs = generate_default_cfgs({
+    "vim_tiny_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok",
+                                      hf_hub_filename="vim_t_midclstok_76p1acc.pth"),
+    "vim_small_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
+                                       hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
+    "vim_base_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-base-midclstok",
+                                      hf_hub_filename="vim_b_midclstok_81p9acc.pth"),
+    "vim_tiny_patch16_stride8_224.in1k": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok",
+                                              hf_hub_filename="vim_t_midclstok_ft_78p3acc.pth"),
+    "vim_small_patch16_stride8_224.in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
+                                               hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"),
+    "test_vim.untrained": _cfg(input_size=(3, 32, 32)),
+})
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti: 7.148 M parameters (measured official build, README 7 M), 76.1 % top-1."""
+    args = dict(embed_dim=192, depth=24, drop_path_rate=0.0)
+    return _create_vim("vim_tiny_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S: 25.797 M parameters (measured official build, README 26 M), 80.5 % top-1."""
+    args = dict(embed_dim=384, depth=24, drop_path_rate=0.05)
+    return _create_vim("vim_small_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-B: 97.598 M parameters (measured official build, README 98 M), 81.9 % top-1."""
+    args = dict(embed_dim=768, depth=24, drop_path_rate=0.1)
+    return _create_vim("vim_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti+ (patch stride 8, 729 tokens): 7.250 M parameters (measured official build), 78.3 % top-1."""
+    args = dict(embed_dim=192, depth=24, stride=8, drop_path_rate=0.0)
+    return _create_vim("vim_tiny_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S+ (patch stride 8, 729 tokens): 26.001 M parameters (measured official build), 81.6 % top-1."""
+    args = dict(embed_dim=384, depth=24, stride=8, drop_path_rate=0.0)
+    return _create_vim("vim_small_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Smallest Vim for tests (timm's ``test_*`` convention): D 16, 4 blocks, 32x32 input."""
+    args = dict(img_size=32, embed_dim=16, depth=4, d_state=4, drop_path_rate=0.0)
+    return _create_vim("test_vim", pretrained, **dict(args, **kwargs))
