@@ -6,13 +6,15 @@ all of them; ``create_backbone`` is the same with a clear error for unknown name
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import timm
 from torch import nn
 
 from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
 from .ssm import selective_scan
 
-__all__ = ["block_classes", "create_backbone", "list_backbones", "selective_scan"]
+__all__ = ["block_classes", "create_backbone", "family_of", "list_backbones", "selective_scan"]
 
 _FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim)
 
@@ -21,6 +23,14 @@ def list_backbones() -> list[str]:
     """Names of every backbone this package registers (also their ``conf/backbone`` names)."""
     families = (module.__name__.rsplit(".", 1)[-1] for module in _FAMILY_MODULES)
     return sorted(name for family in families for name in timm.list_models(module=family))
+
+
+def family_of(name: str) -> ModuleType:
+    """The family module that registers ``name`` (its ``checkpoint_filter_fn`` knows the official layout)."""
+    for module in _FAMILY_MODULES:
+        if name in timm.list_models(module=module.__name__.rsplit(".", 1)[-1]):
+            return module
+    raise ValueError(f"unknown backbone {name!r}; available backbones: {', '.join(list_backbones())}")
 
 
 def block_classes() -> list[type[nn.Module]]:

@@ -33,6 +33,7 @@ from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import CrossScan, RouteConcat, ScanPattern
 from .ss2d import RouteSSM, resolve_dt_rank
+from .vmamba import OFFICIAL_KEY_RULES as VMAMBA_KEY_RULES
 from .vmamba import ConvDownsample, OverlapStem, PatchEmbed, PatchMerging, VMamba, VSSStage
 
 __all__ = ["MSVMamba", "MultiScaleSS2D", "MSVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn",
@@ -249,31 +250,20 @@ class MSVMamba(VMamba):
         self._init_head(dims[-1], num_classes, drop_rate)
 
 
-# Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
-# Official stage i ends with its downsample; ours starts stage i + 1 with it.
-_BODY_RULES: KeyRules = [
-    (r"^layers\.(\d+)\.downsample\.(reduction|norm)\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}."),
-    (r"^layers\.(\d+)\.downsample\.1\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
-    (r"^layers\.(\d+)\.downsample\.3\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm1."),
-    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
-    (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
-    (r"\.op\.conv2d_b1\.", ".mixer.conv2d_low."),
-    (r"\.op\.se\.fc\.0\.", ".mixer.se.fc1."),
-    (r"\.op\.se\.fc\.2\.", ".mixer.se.fc2."),
-    (r"\.op\.", ".mixer."),
+# Official key -> ours: VMamba's layout rules, then MSVMamba's own modules (the half-resolution conv, SE, ConvFFN).
+_MSV_RULES: KeyRules = [
+    (r"\.mixer\.conv2d_b1\.", ".mixer.conv2d_low."),
+    (r"\.mixer\.se\.fc\.0\.", ".mixer.se.fc1."),
+    (r"\.mixer\.se\.fc\.2\.", ".mixer.se.fc2."),
     (r"\.convFFN\.linear1\.", ".ffn.fc1."),
     (r"\.convFFN\.dwc\.", ".ffn.dwconv."),
     (r"\.convFFN\.linear2\.", ".ffn.fc2."),
-    (r"^classifier\.norm\.", "norm."),
-    (r"^classifier\.head\.", "head."),
 ]
 OFFICIAL_KEY_RULES: Dict[str, KeyRules] = {
-    # master branch: patch-4 stem (conv, permute, norm), patch merging.
-    "v1": [(r"^patch_embed\.0\.", "stem.proj."), (r"^patch_embed\.2\.", "stem.norm."), *_BODY_RULES],
-    # v2 branch: overlapping stem (conv, -, norm, -, GELU, conv, -, norm), conv downsampling.
-    "v3": [(r"^patch_embed\.0\.", "stem.conv1."), (r"^patch_embed\.2\.", "stem.norm1."),
-           (r"^patch_embed\.5\.", "stem.conv2."), (r"^patch_embed\.7\.", "stem.norm2."), *_BODY_RULES],
+    # master branch: VMamba v1's patch-4 stem and patch merging.
+    "v1": [*VMAMBA_KEY_RULES["v1"], *_MSV_RULES],
+    # v2 branch: VMamba v2's overlapping stem and conv downsampling.
+    "v3": [*VMAMBA_KEY_RULES["v2"], *_MSV_RULES],
 }
 
 _SSM_KEY = re.compile(r"\.mixer\.ssm\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$")

@@ -12,13 +12,14 @@ channel-first ``Linear2d``/``LayerNorm2d`` are plain ``nn.Linear``/``nn.LayerNor
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
 from ._features import HierarchicalFeaturesMixin, create_hierarchical, imagenet_cfg
 from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .ss2d import SS2D
@@ -174,7 +175,7 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
         self.stem = stem_layer(in_chans, dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         ssm_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv,
                           conv_bias=conv_bias, gated=gated, scan_backend=scan_backend)
         stages, self.feature_info = [], []
@@ -236,8 +237,54 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
+# Official stage i ends with its downsample; ours starts stage i + 1 with it. MSVMamba extends these.
+BODY_RULES: KeyRules = [
+    (r"^layers\.(\d+)\.downsample\.(reduction|norm)\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}."),
+    (r"^layers\.(\d+)\.downsample\.1\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
+    (r"^layers\.(\d+)\.downsample\.3\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm1."),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
+    (r"\.op\.", ".mixer."),
+    (r"^classifier\.norm\.", "norm."),
+    (r"^classifier\.head\.", "head."),
+]
+# The v0 release predates the official code's renaming (which its ``_load_from_state_dict`` still does).
+_V0_NAMES: KeyRules = [
+    (r"^patch_embed\.proj\.", "patch_embed.0."), (r"^patch_embed\.norm\.", "patch_embed.2."),
+    (r"\.ln_1\.", ".norm."), (r"\.self_attention\.", ".op."),
+    (r"^norm\.", "classifier.norm."), (r"^head\.", "classifier.head."),
+]
+OFFICIAL_KEY_RULES: Dict[str, KeyRules] = {
+    # v0/v1 code: patch-4 stem (conv, permute, norm) and patch merging.
+    "v1": [*_V0_NAMES, (r"^patch_embed\.0\.", "stem.proj."), (r"^patch_embed\.2\.", "stem.norm."), *BODY_RULES],
+    # v2 releases: overlapping stem (conv, -, norm, -, GELU, conv, -, norm) and conv downsampling.
+    "v2": [(r"^patch_embed\.0\.", "stem.conv1."), (r"^patch_embed\.2\.", "stem.norm1."),
+           (r"^patch_embed\.5\.", "stem.conv2."), (r"^patch_embed\.7\.", "stem.norm2."), *BODY_RULES],
+}
+
+
+def official_generation(state_dict: Dict[str, Tensor]) -> str:
+    """"v2" for checkpoints with the overlapping stem (``patch_embed.5``), else "v1"."""
+    return "v2" if "patch_embed.5.weight" in state_dict else "v1"
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
+    """Convert an official VMamba checkpoint (the v0 release or the v2 releases) to this module's keys.
+
+    No tensor changes shape. Of a checkpoint holding ``model`` and ``model_ema``, the ``model`` weights
+    are used; pass ``checkpoint["model_ema"]`` for the EMA ones. A state dict in our layout passes through.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith("stem.") for k in state_dict):
+        return state_dict
+    rules = OFFICIAL_KEY_RULES[official_generation(state_dict)]
+    return {rename_key(k, rules): v for k, v in state_dict.items()}
+
+
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    return create_hierarchical(VMamba, variant, pretrained, **kwargs)
+    return create_hierarchical(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
