@@ -170,3 +170,18 @@ def test_export_of_a_run_checkpoint_round_trips_through_local_dir(tmp_path):
     with torch.no_grad():
         expected = head(backbone.eval()(x))
         torch.testing.assert_close(loaded(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_converted_weights_feed_run_py_through_the_backbone_config(tmp_path, fashion_dir):
+    from run import build_task
+    from tests.conftest import compose_config
+
+    official = vmamba_official(**TEST_VMAMBA, num_classes=5)
+    torch.save({"model": official}, tmp_path / "official.pth")
+    assert main([str(tmp_path / "official.pth"), "test_vmamba", "--out", str(tmp_path / "weights")]) == 0
+    cfg = compose_config(["backbone=test_vmamba", "backbone.pretrained=true",
+                          f"+backbone.pretrained_cfg_overlay.file={tmp_path / 'weights' / 'model.safetensors'}",
+                          f"data.data_dir={fashion_dir}", "data.num_workers=0"], tmp_path)
+    _, task = build_task(cfg)
+    # The RGB stem is adapted to Fashion-MNIST's one channel by timm; everything after it is the official weights.
+    assert torch.equal(task.backbone.stages[3].blocks[0].mixer.ssm.A_logs, official["layers.3.blocks.0.op.A_logs"])
