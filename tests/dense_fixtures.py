@@ -1,13 +1,11 @@
-"""Tiny dense-prediction data in the released on-disk formats, and a plain-backbone stand-in.
+"""Tiny dense-prediction data in the released on-disk formats, and the plain backbone dense heads are tested on.
 
 - ``make_ade20k``: ``ADEChallengeData2016/{images,annotations}/{training,validation}`` with JPEG images and
   uint8 PNG label maps (0 = unlabelled, 1..150 classes).
 - ``make_coco``: ``annotations/instances_{train,val}2017.json`` (polygon and crowd-RLE segmentations, sparse
   category ids) with ``train2017/`` and ``val2017/`` JPEGs.
 - ``make_nuclei`` / ``make_trees``: the demo data files as stardist and deepforest ship them.
-- ``PlainBackbone``: a ViT-like single-scale backbone (stride-16 patches) with a simple feature pyramid,
-  honouring the ``features_only`` contract (4 NCHW maps at strides 4/8/16/32, ``feature_info``), for
-  tests of the dense heads on a plain backbone when no plain family (Vim) is registered.
+- ``plain_backbone``: the plain family (Vim) as dense heads see it, through its simple feature pyramid.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.models._features import FeatureInfo
-from torch import Tensor, nn
+from torch import nn
 
 COCO_CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
                    {"id": 3, "name": "car", "supercategory": "vehicle"},
@@ -146,40 +143,11 @@ def make_trees(folder: Path) -> Path:
     return folder
 
 
-class PlainBackbone(nn.Module):
-    """A plain (single-scale, stride-16) backbone with a simple feature pyramid, as Vim feeds dense heads.
-
-    Patch embedding at stride 16, a few residual MLP blocks on the token grid, then 2x and 4x transposed
-    convolutions (strides 8 and 4), identity (16) and 2x max pooling (32).
-    """
-
-    def __init__(self, in_chans: int = 3, embed_dim: int = 16, depth: int = 2) -> None:
-        super().__init__()
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, 16, stride=16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.GroupNorm(1, embed_dim), nn.Conv2d(embed_dim, embed_dim, 1),
-                                                  nn.GELU(), nn.Conv2d(embed_dim, embed_dim, 1))
-                                    for _ in range(depth))
-        self.fpn = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2), nn.GELU(),
-                          nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)),
-            nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
-        self.feature_info = FeatureInfo([dict(num_chs=embed_dim, reduction=r, module=f"fpn.{i}")
-                                         for i, r in enumerate((4, 8, 16, 32))], out_indices=(0, 1, 2, 3))
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.patch_embed(x)
-        for block in self.blocks:
-            x = x + block(x)
-        return [layer(x) for layer in self.fpn]
-
-
 def plain_backbone(in_chans: int = 3) -> nn.Module:
-    """Vim's tiny test variant when a Vim family is registered, else ``PlainBackbone``."""
+    """The plain (single-scale) family's test variant: Vim with its simple feature pyramid (strides 4-32)."""
     import timm
 
-    import backbones
+    import backbones  # noqa: F401  (registers test_vim)
 
-    if "test_vim" in backbones.list_backbones():
-        return timm.create_model("test_vim", features_only=True, in_chans=in_chans)
     torch.manual_seed(0)
-    return PlainBackbone(in_chans)
+    return timm.create_model("test_vim", features_only=True, in_chans=in_chans)
