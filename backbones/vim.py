@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -160,7 +160,8 @@ class VisionMamba(nn.Module):
     """Vim image classifier / plain backbone (timm model API).
 
     Args:
-        img_size: input size the position embedding is stored for (other sizes are resampled).
+        img_size: input size (int or (height, width)) the position embedding is stored for; other sizes
+            are resampled.
         patch_size: patch side.
         stride: patch stride (16, or 8 for the "+" models).
         in_chans: input image channels.
@@ -180,9 +181,10 @@ class VisionMamba(nn.Module):
         scan_backend: selective-scan backend.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, global_pool: str = "token",
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, stride: int = 16,
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
+                 d_state: int = 16, expand: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 global_pool: str = "token",
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
                  scan_backend: str = "auto") -> None:
         super().__init__()
@@ -191,7 +193,7 @@ class VisionMamba(nn.Module):
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
-        self.grid = self.patch_embed.grid(img_size, img_size)
+        self.grid = self.patch_embed.grid(*to_2tuple(img_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)

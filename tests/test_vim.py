@@ -195,3 +195,14 @@ def test_gradient_checkpointing_gives_the_same_output():
         expected = model(x)
         model.set_grad_checkpointing()
         torch.testing.assert_close(model(x), expected)
+
+
+def test_timm_local_dir_round_trip(tmp_path):
+    """timm's config.json records img_size as a list; the model must rebuild from it with the same output."""
+    from tools.convert import save_model_folder
+
+    model = timm.create_model("test_vim", num_classes=3).eval()
+    loaded = timm.create_model(f"local-dir:{save_model_folder(model, tmp_path / 'vim')}", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
