@@ -14,7 +14,10 @@ grouped scan call. Summing the gated outputs and halving them, as the released m
 gating the average of the two directions, which is what ``BidirectionalScan.merge`` returns.
 
 Dense features: ``forward_intermediates`` taps the residual stream after four blocks (the official
-segmentation taps 5/11/17/23 of 24), as (B, D, H/s, W/s) maps without the class token. Built with
+segmentation taps 5/11/17/23 of 24), as (B, D, H/s, W/s) maps without the class token. The residual
+stream (block output added to the residual) is what the official Vim-S UperNet script feeds its neck
+(``use_residual_as_feature=True``, ``last_layer_process=add``); the Vim-Ti script's default takes the
+un-normalised mixer output alone, which we do not offer as a second mode. Built with
 ``features_only=True`` the model also gets a simple feature pyramid (BEiT/ViTDet style: transposed
 convs up, identity, max-pool down) that turns the taps into strides 4/8/16/32, so Vim plugs into the
 same dense heads as the hierarchical families; the classifier has no pyramid (its parameter count is

@@ -26,6 +26,8 @@ def test_parameter_count_matches_official(name):
         model = timm.create_model(name)
     count = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(count - OFFICIAL_PARAMS[name]) < 0.005 * OFFICIAL_PARAMS[name]
+    side = 27 if "stride8" in name else 14  # (224 - 16) // stride + 1
+    assert model.grid == (side, side) and model.pos_embed.shape[1] == side * side + 1
 
 
 def official_state_dict(num_classes: int = 5, grid: int = 2, seed: int = 0) -> dict:
@@ -178,6 +180,17 @@ def test_features_only_gives_a_four_level_pyramid_and_backward_runs():
     sum(f.mean() for f in features).backward()
     assert timm.create_model("test_vim", features_only=True, out_indices=(1, 3))(torch.randn(1, 3, 64, 64))[1].shape \
         == (1, 16, 2, 2)
+    # Stride 8 (the "+" models): a 7x7 token grid at 64 px; one transposed conv up, identity, pools of 2 and 4.
+    stride8 = timm.create_model("test_vim", features_only=True, stride=8)
+    assert [f.shape[-1] for f in stride8(torch.randn(1, 3, 64, 64))] == [14, 7, 3, 1]
+
+
+def test_reset_classifier_to_zero_gives_pooled_features():
+    model = timm.create_model("test_vim", num_classes=7).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model.get_classifier().__class__ is torch.nn.Identity
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.num_features)
 
 
 def test_classifier_has_no_pyramid_and_intermediates_are_the_tapped_residual_stream():
