@@ -170,7 +170,7 @@ def test_cli_round_trip_through_timm_local_dir_and_pretrained_file(tmp_path, cap
     assert main([str(path), "test_vmamba", "--out", str(tmp_path / "converted")]) == 0
     assert "test_vmamba (vmamba rules)" in capsys.readouterr().out
     folder = tmp_path / "converted"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".mambalab-manifest.json", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "test_vmamba" and config["num_classes"] == 5
     assert config["pretrained_cfg"]["first_conv"] == "stem.conv1"
@@ -323,7 +323,8 @@ def test_export_of_a_run_checkpoint_loads_through_local_dir_and_pretrained_file(
     head = torch.nn.Linear(backbone.num_features, 4)
     ckpt = _run_checkpoint(tmp_path / "last.ckpt", backbone, [("head", head)])
     out = export_checkpoint(ckpt, "test_vmamba", tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mambalab-manifest.json", "README.md", "config.json",
+                                                     "model.safetensors"]
     card = (out / "README.md").read_text()
     assert "test_vmamba" in card and "input_size" in card and "license: apache-2.0" in card
     x = torch.randn(2, 1, 32, 32)

@@ -11,7 +11,9 @@ its training arguments), it is read again allowing that one class and nothing el
 by the ``checkpoint_filter_fn`` of the family that registers the variant (the family file is the only
 place that knows its official layout), the weights are loaded into our model with ``strict=True``, and
 the folder gets ``model.safetensors`` + ``config.json`` in timm's Hugging Face layout, written to a
-temporary folder first and renamed into place. Use the result (after ``import backbones``) with
+temporary folder first and moved into place. ``--out`` must be a new or empty folder or an earlier output of
+the tool; ``--force`` writes beside a user's files, never over them (``tools.output_folder``). Use the result
+(after ``import backbones``) with
 ``timm.create_model("local-dir:<folder>", pretrained=True)``, with
 ``timm.create_model(<variant>, pretrained=True, pretrained_cfg_overlay=dict(file="<folder>/model.safetensors"))``
 (add ``num_classes=<n>`` to the model and the overlay when the classifier is not ImageNet-1k's) or in run.py
@@ -25,9 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import pickle
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 import backbones
 from backbones._checkpoint import unwrap_state_dict
+from tools.output_folder import check_output_folder, write_output_folder
 
 # Keys of the EMA weights in the official training checkpoints (Swin-style trainers and EfficientVMamba's).
 EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -191,24 +192,17 @@ def convert_state_dict(checkpoint: dict, variant: str, ema: bool = False,
     return model.eval(), summary
 
 
-def save_model_folder(model: nn.Module, out_dir: Path,
-                      write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_model_folder(model: nn.Module, out_dir: Path, write_extra: Optional[Callable[[Path], None]] = None,
+                      tool: str = "tools.convert", force: bool = False, source: Optional[str] = None) -> Path:
     """``model.safetensors`` + ``config.json`` (timm's Hugging Face layout) and whatever ``write_extra``
-    adds, written atomically: into a temporary folder beside ``out_dir``, then renamed over it."""
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_for_hf(model, str(staging), safe_serialization=True)
+    adds, written into ``out_dir`` without touching any file the tool did not write (``tools.output_folder``)."""
+
+    def write(folder: Path) -> None:
+        save_for_hf(model, str(folder), safe_serialization=True)
         if write_extra is not None:
-            write_extra(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out_dir
+            write_extra(folder)
+
+    return write_output_folder(out_dir, write, tool, force, source)
 
 
 def parse_model_args(items: List[str]) -> Dict[str, Any]:
@@ -231,18 +225,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="official checkpoint file (.pth/.ckpt)")
     parser.add_argument("variant", help="our model name (python -c 'import backbones; "
                                         "print(backbones.list_backbones())')")
-    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>); a new folder, an empty one "
+                                                 "or an earlier output of this tool")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
+                                                              "write (its files are never replaced)")
     parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema / state_dict_ema)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
     args = parser.parse_args(argv)
+    out_dir = args.out or Path(args.variant)
     try:
+        check_output_folder(out_dir, "tools.convert", args.force)
         model_args = parse_model_args(args.model_arg)
         model, conversion = convert_state_dict(load_official(args.checkpoint), args.variant, args.ema, **model_args)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+        conversion.out_dir = save_model_folder(model, out_dir, force=args.force, source=args.checkpoint.name)
+    except (FileNotFoundError, KeyError, ValueError) as err:  # OutputFolderError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
-    conversion.out_dir = save_model_folder(model, args.out or Path(args.variant))
     print(conversion.summary())
     return 0
 
