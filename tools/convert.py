@@ -6,8 +6,11 @@
     python -m tools.convert efficient_vmamba_tiny.ckpt efficientvmamba_tiny --ema
     python -m tools.convert hrvmamba_small_pose.pth hrvmamba_small --model-arg multiscale_output=False
 
-The file is read with ``torch.load(weights_only=True)``; if it holds an ``argparse.Namespace`` (Vim stores
-its training arguments), it is read again allowing that one class and nothing else. The keys are renamed
+The file is read with a restricted unpickler (``tools.safe_load``): tensors and plain containers are rebuilt,
+the training state official scripts save beside the weights (yacs configs, optimizer and scaler state,
+mmengine's meta and message hub) is kept as inert placeholders without importing yacs or mmengine, and a
+file that would run code is refused. The summary says where the weights were found (``--ema`` takes
+``model_ema``, ``state_dict_ema``, ``ema_model`` or the EMA hooks' copies). The keys are renamed
 by the ``checkpoint_filter_fn`` of the family that registers the variant (the family file is the only
 place that knows its official layout), the weights are loaded into our model with ``strict=True``, and
 the folder gets ``model.safetensors`` + ``config.json`` in timm's Hugging Face layout, written to a
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,13 @@ from timm.models import save_for_hf
 from torch import Tensor, nn
 
 import backbones
-from backbones._checkpoint import unwrap_state_dict
+from backbones._checkpoint import STATE_DICT_KEYS, unwrap_state_dict
 from tools.output_folder import check_output_folder, write_output_folder
+from tools.safe_load import describe, load_checkpoint
 
-# Keys of the EMA weights in the official training checkpoints (Swin-style trainers and EfficientVMamba's).
-EMA_KEYS = ("model_ema", "state_dict_ema")
+# Where the official trainers keep EMA weights: Swin-style trainers (VMamba, MSVMamba, HRVMamba) and DeiT's (Vim)
+# ``model_ema``, timm's train script ``state_dict_ema``, EfficientVMamba's trainer ``ema_model``.
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema_model")
 
 
 @dataclass
@@ -56,44 +60,64 @@ class Conversion:
     renamed: int
     parameters: int
     num_classes: int
+    weights_from: str = "the file"
+    not_converted: str = ""
     out_dir: Optional[Path] = None
 
     def summary(self) -> str:
         where = f" -> {self.out_dir}" if self.out_dir else ""
-        return (f"{self.variant} ({self.family} rules): {self.tensors} tensors, {self.renamed} renamed, "
-                f"{self.parameters / 1e6:.2f} M parameters, {self.num_classes} classes, loaded strict{where}")
+        lines = [f"{self.variant} ({self.family} rules) from {self.weights_from}: {self.tensors} tensors, "
+                 f"{self.renamed} renamed, {self.parameters / 1e6:.2f} M parameters, {self.num_classes} classes, "
+                 f"loaded strict{where}"]
+        if self.not_converted:
+            lines.append(f"also in the file, not converted: {self.not_converted}")
+        return "\n".join(lines)
 
 
 def load_official(path: Path) -> dict:
-    """Read a checkpoint safely: tensors and containers only, plus ``argparse.Namespace`` (Vim's ``args``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "argparse.Namespace" not in str(err):
-                raise
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refused or the file is not a torch checkpoint
-        raise ValueError(f"checkpoint {path} cannot be read safely (weights_only=True, argparse.Namespace "
-                         f"allowed): {err}") from err
+    """Read an official checkpoint with the restricted unpickler of ``tools.safe_load``: tensors and containers
+    are rebuilt, training state the authors saved with them (yacs configs, mmengine log buffers, numpy arrays)
+    is kept inert, and a file that would run code is refused."""
+    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise ValueError(f"checkpoint {path} holds a {describe(checkpoint)}, not a state dict")
     return checkpoint
 
 
-def select_weights(checkpoint: dict, ema: bool) -> dict:
-    """The EMA weights when asked (named error if the file has none), else the checkpoint as it is."""
+def other_contents(checkpoint: dict, used: str) -> str:
+    """The checkpoint's other top-level entries, for the user: "optimizer (dict of 2), config (yacs...)"."""
+    return ", ".join(f"{key} ({describe(value)})" for key, value in checkpoint.items() if key != used)
+
+
+def select_weights(checkpoint: dict, ema: bool) -> tuple[dict, str, str]:
+    """The weights to convert, the file's top-level key holding them and, for the user, where they were found.
+
+    The EMA weights when asked (an error naming what the file holds if it has none), else the plain ones.
+    mmengine's ``EMAHook`` saves the averaged weights in ``state_dict`` itself (and the raw ones in
+    ``ema_state_dict``); mmcv 1.x's adds ``ema_<name with _ for .>`` copies of the parameters to ``state_dict``.
+    """
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and "ema_state_dict" in checkpoint:
+        return checkpoint, "state_dict", ("state_dict, where mmengine's EMAHook keeps the averaged weights (the "
+                                          "raw ones are in ema_state_dict)")
+    mmcv_ema = {k: v for k, v in state.items() if k.startswith("ema_")} if isinstance(state, dict) else {}
+    if mmcv_ema:
+        plain = {k: v for k, v in state.items() if not k.startswith("ema_")}
+        if not ema:
+            return {"state_dict": plain}, "state_dict", (f"state_dict (without its {len(mmcv_ema)} ema_ copies; "
+                                                         f"--ema uses them)")
+        averaged = {k: mmcv_ema.get("ema_" + k.replace(".", "_"), v) for k, v in plain.items()}
+        swapped = sum("ema_" + k.replace(".", "_") in mmcv_ema for k in plain)
+        return {"state_dict": averaged}, "state_dict", (f"the ema_ copies in state_dict (mmcv's EMAHook: {swapped} "
+                                                        f"of {len(plain)} tensors averaged, buffers as trained)")
     if not ema:
-        return checkpoint
+        used = next((key for key in STATE_DICT_KEYS if isinstance(checkpoint.get(key), dict)), None)
+        return checkpoint, used or "", used or "the file (a bare state dict)"
     for key in EMA_KEYS:
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    raise KeyError(f"--ema: the checkpoint has no EMA weights (looked for {', '.join(EMA_KEYS)}; "
-                   f"it has {', '.join(map(str, checkpoint))})")
+            return checkpoint[key], key, f"{key} (EMA)"
+    raise KeyError(f"--ema: the checkpoint has no EMA weights (looked for {', '.join(EMA_KEYS)}, mmengine's "
+                   f"ema_state_dict and mmcv's ema_ keys; it holds {other_contents(checkpoint, '')})")
 
 
 def family_filter(variant: str) -> tuple[ModuleType, Callable[[dict, nn.Module], Dict[str, Tensor]]]:
@@ -176,7 +200,7 @@ def convert_state_dict(checkpoint: dict, variant: str, ema: bool = False,
     if variant not in backbones.list_backbones():
         raise ValueError(f"unknown variant {variant!r}; available: {', '.join(backbones.list_backbones())}")
     family, filter_fn = family_filter(variant)
-    weights = select_weights(checkpoint, ema)
+    weights, weights_key, weights_from = select_weights(checkpoint, ema)
     model, converted = _converted(weights, variant, **model_args)
     num_classes = classifier_classes(converted, model)
     model = _build(variant, meta=True, num_classes=num_classes, **model_args)
@@ -188,7 +212,9 @@ def convert_state_dict(checkpoint: dict, variant: str, ema: bool = False,
     source_keys = set(unwrap_state_dict(weights))
     summary = Conversion(variant=variant, family=family.__name__.rsplit(".", 1)[-1], tensors=len(converted),
                          renamed=len(set(converted) - source_keys),
-                         parameters=sum(p.numel() for p in model.parameters()), num_classes=num_classes)
+                         parameters=sum(p.numel() for p in model.parameters()), num_classes=num_classes,
+                         weights_from=weights_from,
+                         not_converted=other_contents(checkpoint, weights_key) if weights_key else "")
     return model.eval(), summary
 
 
@@ -229,7 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "or an earlier output of this tool")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
                                                               "write (its files are never replaced)")
-    parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema / state_dict_ema)")
+    parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema, state_dict_ema, "
+                                                           "ema_model, mmengine/mmcv EMA hooks)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
     args = parser.parse_args(argv)
