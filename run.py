@@ -3,6 +3,7 @@
     python run.py                                   # default experiment: train, then test
     python run.py backbone=vmamba_tiny_s1l8 trainer.fast_dev_run=true
     python run.py mode=eval ckpt_path=<run>/checkpoints/last.ckpt
+    python run.py mode=eval experiment=ade20k_upernet_vmamba_tiny_s1l8 weights=<tools.convert output folder>
     python run.py --help                            # config groups and examples
 """
 
@@ -20,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from tasks.weights import load_task_weights
 
 log = logging.getLogger("mambalab")
 
@@ -80,12 +83,18 @@ def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], di
     raise ValueError(f"{head_target}.consumes must be 'pooled' or 'features', got {consumes!r}")
 
 
+def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """The backbone, built for what the head consumes, and the head on it (also what tools.convert fills)."""
+    backbone_kwargs, head_inputs = backbone_interface(cfg.head._target_)
+    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=in_chans, **backbone_kwargs)
+    head = hydra.utils.instantiate(cfg.head, **head_inputs(backbone), num_classes=num_classes)
+    return backbone, head
+
+
 def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data first (it knows channels and classes), then backbone, head and the task around them."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    backbone_kwargs, head_inputs = backbone_interface(cfg.head._target_)
-    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, **backbone_kwargs)
-    head = hydra.utils.instantiate(cfg.head, **head_inputs(backbone), num_classes=datamodule.num_classes)
+    backbone, head = build_model(cfg, datamodule.in_chans, datamodule.num_classes)
     task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head,
                                    optimizer=hydra.utils.instantiate(cfg.optimizer),
                                    scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -153,16 +162,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), output_dir)
-    if cfg.mode == "eval" and ckpt_path is None:
-        raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt written by run.py>")
+    if cfg.mode == "eval" and ckpt_path is None and not cfg.get("weights"):
+        raise ValueError("mode=eval needs ckpt_path=<a .ckpt written by run.py> or weights=<a model converted by "
+                         "tools.convert>")
     pl.seed_everything(cfg.seed, workers=True)
     record_run(cfg, output_dir)
 
     datamodule, task = build_task(cfg)
+    if cfg.get("weights"):
+        load_task_weights(task, cfg.weights, cfg.backbone.get("name"), cfg.head._target_, datamodule)
     trainer = build_trainer(cfg)
     if cfg.mode == "eval":
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return log_test_metrics({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -174,6 +186,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return log_test_metrics(metrics)
+
+
+def log_test_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Log every ``test/`` metric (one line each) and return the metrics."""
     for name in sorted(k for k in metrics if k.startswith("test/")):
         log.info("%s = %.4f", name, metrics[name])
     return metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
-from torch import Tensor
+from torch import Tensor, nn
 
 # (pattern, replacement) pairs applied in order with ``re.sub``; a replacement may be a function of the match.
 KeyRules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
@@ -35,3 +35,11 @@ def rename_key(key: str, rules: KeyRules) -> str:
     for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
     return key
+
+
+def with_own_weights(state_dict: Dict[str, Tensor], model: nn.Module, prefix: str) -> Dict[str, Tensor]:
+    """``state_dict`` plus the model's own tensors under ``prefix`` where it has none: parts only a dense model
+    has (feature norms, a feature pyramid) keep their initial values when a classifier checkpoint is loaded."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) and k not in state_dict}
+    return {**state_dict, **own}
+

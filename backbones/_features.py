@@ -13,7 +13,11 @@ from torch import Tensor, nn
 
 class HierarchicalFeaturesMixin:
     """``forward_intermediates``/``prune_intermediate_layers`` for models with ``stem``, ``stages``
-    (NCHW in and out), a final ``norm`` and a ``head``; this is what ``features_only=True`` uses."""
+    (NCHW in and out), a final ``norm`` and a ``head``; this is what ``features_only=True`` uses.
+
+    A model may also have ``feature_norms``, one norm per stage applied to that stage's output: the official
+    dense backbones of VMamba, MSVMamba and EfficientVMamba (``outnorm{i}``) normalise every level they return.
+    """
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -28,7 +32,10 @@ class HierarchicalFeaturesMixin:
         for index, stage in enumerate(stages):
             x = stage(x)
             if index in take_indices:
-                feature = self.norm(x) if norm and index == len(self.stages) - 1 else x
+                if getattr(self, "feature_norms", None) is not None:
+                    feature = self.feature_norms[index](x)
+                else:
+                    feature = self.norm(x) if norm and index == len(self.stages) - 1 else x
                 intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
         if intermediates_only:
             return intermediates
@@ -36,8 +43,12 @@ class HierarchicalFeaturesMixin:
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested feature (and the norm/head when asked)."""
+        """Drop the stages after the last requested feature (and the norm/head when asked), and the feature
+        norms of levels not requested (as the official dense backbones have only those of ``out_indices``)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        if getattr(self, "feature_norms", None) is not None:
+            for index in set(range(len(self.feature_norms))) - set(take_indices):
+                self.feature_norms[index] = nn.Identity()
         if max_index < len(self.stages) - 1:
             self.stages = self.stages[: max_index + 1]
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
@@ -58,8 +69,12 @@ def imagenet_cfg(url: str = "", **kwargs: Any) -> dict:
     }
 
 
-def create_hierarchical(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``build_model_with_cfg`` with 4-stage ``features_only`` support through ``forward_intermediates``."""
+def create_hierarchical(model_cls: type, variant: str, pretrained: bool = False, dense_feature_norms: bool = False,
+                        **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg`` with 4-stage ``features_only`` support through ``forward_intermediates``;
+    with ``dense_feature_norms`` a ``features_only`` model gets per-level ``feature_norms`` (unless told)."""
+    if dense_feature_norms:
+        kwargs.setdefault("feature_norms", bool(kwargs.get("features_only")))
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(model_cls, variant, pretrained,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)

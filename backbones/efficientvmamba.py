@@ -21,7 +21,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import AtrousScan
 from .ss2d import SS2D
@@ -102,6 +102,7 @@ class EfficientVMamba(VMamba):
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend for every ES2D.
+        feature_norms: per-level output norms for dense heads (the official ``outnorm{i}``; see VMamba).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 4, 2),
@@ -109,7 +110,8 @@ class EfficientVMamba(VMamba):
                  ssm_ratio: float = 2.0, dt_rank: Union[int, str] = "auto", ir_expand_ratio: float = 4.0,
                  ir_se_ratio: float = 0.125, stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto") -> None:
+                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto",
+                 feature_norms: bool = False) -> None:
         super(VMamba, self).__init__()  # VMamba's constructor builds VSS stages; ours builds EVSS/IR stages.
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
@@ -133,7 +135,7 @@ class EfficientVMamba(VMamba):
                 stages.append(Stage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self._init_head(dims[-1], num_classes, drop_rate)
+        self._init_head(dims, num_classes, drop_rate, feature_norms)
 
 
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
@@ -158,6 +160,7 @@ OFFICIAL_KEY_RULES: KeyRules = [
     (r"(\.blocks\.\d+)\.se\.(norm|global_reduce|channel_select)\.", r"\1.attn.\2."),
     (r"^classifier\.norm\.", "norm."),
     (r"^classifier\.head\.", "head."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the dense backbone's per-level norms
 ]
 
 
@@ -172,14 +175,14 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     A state dict already in our layout passes through unchanged.
     """
     state_dict = unwrap_state_dict(state_dict, ("state_dict", "model", "state_dict_ema", "model_ema"))
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    return {rename_official_key(k): v for k, v in state_dict.items()}
+    if not any(k.startswith("stem.") for k in state_dict):
+        state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
-    return create_hierarchical(EfficientVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                               **kwargs)
+    return create_hierarchical(EfficientVMamba, variant, pretrained, dense_feature_norms=True,
+                               pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -29,7 +29,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import CrossScan, RouteConcat, ScanPattern
 from .ss2d import RouteSSM, resolve_dt_rank
@@ -219,6 +219,7 @@ class MSVMamba(VMamba):
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend for every mixer.
+        feature_norms: per-level output norms for dense heads (the official ``outnorm{i}``; see VMamba).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (1, 2, 9, 2),
@@ -227,7 +228,8 @@ class MSVMamba(VMamba):
                  norm_each_scale: bool = True, upsample_mode: str = "bilinear", ffn_ratio: float = 2.0,
                  ffn_post_norm: bool = False, stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto") -> None:
+                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto",
+                 feature_norms: bool = False) -> None:
         super(VMamba, self).__init__()  # VMamba's constructor builds VSS blocks; ours builds MS blocks.
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
@@ -247,7 +249,7 @@ class MSVMamba(VMamba):
             stages.append(VSSStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self._init_head(dims[-1], num_classes, drop_rate)
+        self._init_head(dims, num_classes, drop_rate, feature_norms)
 
 
 # Official key -> ours: VMamba's layout rules, then MSVMamba's own modules (the half-resolution conv, SE, ConvFFN).
@@ -288,18 +290,19 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     EMA ones. A state dict already in our layout passes through unchanged.
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    generation = "v3" if "patch_embed.5.weight" in state_dict else "v1"
-    out = {}
-    for key, value in state_dict.items():
-        key = rename_official_key(key, generation)
-        out[key] = _swap_scale_groups(value) if generation == "v1" and _SSM_KEY.search(key) else value
-    return out
+    if not any(k.startswith("stem.") for k in state_dict):
+        generation = "v3" if "patch_embed.5.weight" in state_dict else "v1"
+        renamed = {}
+        for key, value in state_dict.items():
+            key = rename_official_key(key, generation)
+            renamed[key] = _swap_scale_groups(value) if generation == "v1" and _SSM_KEY.search(key) else value
+        state_dict = renamed
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs) -> MSVMamba:
-    return create_hierarchical(MSVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return create_hierarchical(MSVMamba, variant, pretrained, dense_feature_norms=True,
+                               pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -42,7 +42,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import unwrap_state_dict, with_own_weights
 from ._features import imagenet_cfg
 from .layers import flagged_no_weight_decay
 from .scan_patterns import BidirectionalScan
@@ -363,7 +363,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tens
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(".mixer.ssm." in key for key in state_dict):
-        return _with_own_pyramid(dict(state_dict), model)
+        return with_own_weights(state_dict, model, "feature_pyramid.")
     out: Dict[str, Tensor] = {}
     backward_names = {_backward_name(name) for name in _STACKED}
     for key, value in state_dict.items():
@@ -379,15 +379,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tens
         if side * side != stored:
             raise ValueError(f"Vim checkpoint: pos_embed has {stored} patch rows, not a square grid")
         out["pos_embed"] = resample_pos_embed(out["pos_embed"], (side, side), model.grid)
-    return _with_own_pyramid(out, model)
-
-
-def _with_own_pyramid(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Fill in the model's own feature-pyramid weights where the file has none (classifier checkpoints)."""
-    if getattr(model, "feature_pyramid", None) is not None:
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("feature_pyramid.")}
-        state_dict.update({k: v for k, v in own.items() if k not in state_dict})
-    return state_dict
+    return with_own_weights(out, model, "feature_pyramid.")
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:

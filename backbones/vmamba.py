@@ -19,7 +19,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import HierarchicalFeaturesMixin, create_hierarchical, imagenet_cfg
 from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .ss2d import SS2D
@@ -158,6 +158,8 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend for every SS2D.
+        feature_norms: a LayerNorm on each stage's output for dense heads, as the official dense backbone's
+            ``outnorm{i}`` (set for ``features_only``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 9, 2),
@@ -166,7 +168,8 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
                  gated: bool = True, mlp_ratio: float = 4.0,
                  stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, global_pool: str = "avg", scan_backend: str = "auto") -> None:
+                 drop_path_rate: float = 0.1, global_pool: str = "avg", scan_backend: str = "auto",
+                 feature_norms: bool = False) -> None:
         super().__init__()
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
@@ -185,10 +188,13 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
             stages.append(VSSStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self._init_head(dims[-1], num_classes, drop_rate)
+        self._init_head(dims, num_classes, drop_rate, feature_norms)
 
-    def _init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
-        """Final norm, dropout and classifier, then the weight init of the whole model (call last)."""
+    def _init_head(self, dims: Sequence[int], num_classes: int, drop_rate: float, feature_norms: bool) -> None:
+        """Per-level feature norms (optional), final norm, dropout and classifier, then the weight init of the
+        whole model (call last)."""
+        self.feature_norms = nn.ModuleList(LayerNorm2d(dim) for dim in dims) if feature_norms else None
+        num_features = dims[-1]
         self.norm = LayerNorm2d(num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -249,6 +255,7 @@ BODY_RULES: KeyRules = [
     (r"\.op\.", ".mixer."),
     (r"^classifier\.norm\.", "norm."),
     (r"^classifier\.head\.", "head."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the dense backbone's per-level norms
 ]
 # The v0 release predates the official code's renaming (which its ``_load_from_state_dict`` still does).
 _V0_NAMES: KeyRules = [
@@ -275,16 +282,19 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
     No tensor changes shape. Of a checkpoint holding ``model`` and ``model_ema``, the ``model`` weights
     are used; pass ``checkpoint["model_ema"]`` for the EMA ones. A state dict in our layout passes through.
+    The dense backbone's ``outnorm{i}`` become ``feature_norms.{i}``; a model with feature norms keeps its own
+    where the file has none (a classifier checkpoint).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    rules = OFFICIAL_KEY_RULES[official_generation(state_dict)]
-    return {rename_key(k, rules): v for k, v in state_dict.items()}
+    if not any(k.startswith("stem.") for k in state_dict):
+        rules = OFFICIAL_KEY_RULES[official_generation(state_dict)]
+        state_dict = {rename_key(k, rules): v for k, v in state_dict.items()}
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    return create_hierarchical(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return create_hierarchical(VMamba, variant, pretrained, dense_feature_norms=True,
+                               pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -8,14 +8,16 @@ samples (half positive, IoU 0.7/0.3), 2000 proposals per level before NMS 0.7 an
 1000/1000 at test; RoI heads 512 samples (a quarter positive, IoU 0.5), RoIAlign 7 (boxes) and 14
 (masks) with adaptive sampling, two 1024-wide FC layers, four 256-channel 3x3 mask convs, 28x28 masks;
 test score threshold 0.05, NMS 0.5, 100 detections, mask threshold 0.5 (applied by the task). Losses are
-torchvision's (smooth L1 for boxes where mmdet uses L1). Runs on CPU with torchvision's own ops.
+torchvision's (smooth L1 for boxes where mmdet uses L1). ``from_mmdet`` maps an mmdet checkpoint's neck and head
+weights onto this module. Runs on CPU with torchvision's own ops.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -27,6 +29,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from backbones._checkpoint import KeyRules, rename_key
 
 Targets = Optional[list[dict[str, Tensor]]]
 
@@ -108,3 +112,44 @@ class MaskRCNN(nn.Module):
         proposals, rpn_losses = self.rpn(images, pyramid, targets)
         detections, roi_losses = self.roi_heads(pyramid, proposals, images.image_sizes, targets)
         return {**rpn_losses, **roi_losses}, detections
+
+
+# mmdet 3.x Mask R-CNN keys (FPN neck, RPNHead, Shared2FCBBoxHead, FCNMaskHead) -> this module's torchvision names.
+MMDET_KEY_RULES: KeyRules = [
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"fpn.inner_blocks.\1.0."),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"fpn.layer_blocks.\1.0."),
+    (r"^rpn_head\.rpn_conv\.", "rpn.head.conv.0.0."),
+    (r"^rpn_head\.rpn_cls\.", "rpn.head.cls_logits."),
+    (r"^rpn_head\.rpn_reg\.", "rpn.head.bbox_pred."),
+    (r"^roi_head\.bbox_head\.shared_fcs\.0\.", "roi_heads.box_head.fc6."),
+    (r"^roi_head\.bbox_head\.shared_fcs\.1\.", "roi_heads.box_head.fc7."),
+    (r"^roi_head\.bbox_head\.fc_cls\.", "roi_heads.box_predictor.cls_score."),
+    (r"^roi_head\.bbox_head\.fc_reg\.", "roi_heads.box_predictor.bbox_pred."),
+    (r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_heads.mask_head.\1.0."),
+    (r"^roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
+    (r"^roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+]
+MMDET_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
+
+
+def _background_first(key: str, value: Tensor) -> Tensor:
+    """mmdet's class layout -> torchvision's: mmdet puts background last in the classifier and has no background
+    box deltas or mask channel; torchvision has background first everywhere (its deltas/mask unused, zero)."""
+    if key.startswith("roi_heads.box_predictor.cls_score."):
+        return torch.cat([value[-1:], value[:-1]])
+    if key.startswith("roi_heads.box_predictor.bbox_pred."):
+        return torch.cat([value.new_zeros((4, *value.shape[1:])), value])
+    if key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+        return torch.cat([value.new_zeros((1, *value.shape[1:])), value])
+    return value
+
+
+def from_mmdet(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The head keys of an mmdet Mask R-CNN's state dict (``neck.*``, ``rpn_head.*``, ``roi_head.*``) in this
+    module's names and class layout; keys the table does not know keep their names (a strict load names them)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(MMDET_PREFIXES):
+            ours = rename_key(key, MMDET_KEY_RULES)
+            out[ours] = _background_first(ours, value)
+    return out

@@ -194,3 +194,95 @@ def mmcv_checkpoint(state_dict: Dict[str, Tensor], classes: Sequence[str], palet
             "config": "model = dict(type='EncoderDecoder', ...)\n", "seed": 0, "exp_name": "upernet_vim_tiny",
             "CLASSES": tuple(classes), "PALETTE": [list(p) for p in palette], "epoch": 1, "iter": 60000}
     return {"meta": meta, "state_dict": state_dict, "optimizer": state["optimizer"]}
+
+
+# ---- Dense (OpenMMLab) layouts, written out from mmseg's / mmdet's module structure: names and shapes ----
+
+Shapes = Dict[str, tuple]
+
+
+def _conv_module(prefix: str, c_in: int, c_out: int, kernel: int, norm: bool = True) -> Shapes:
+    """mmcv's ``ConvModule``: ``conv`` (no bias when followed by a norm) and ``bn``."""
+    shapes = {f"{prefix}.conv.weight": (c_out, c_in, kernel, kernel)}
+    if norm:
+        shapes.update({f"{prefix}.bn.{name}": (c_out,) for name in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{prefix}.bn.num_batches_tracked"] = ()
+    else:
+        shapes[f"{prefix}.conv.bias"] = (c_out,)
+    return shapes
+
+
+def mmseg_upernet(in_channels: Sequence[int], num_classes: int, channels: int = 512, aux_channels: int = 256,
+                  aux_index: int = 2, pool_scales: Sequence[int] = (1, 2, 3, 6)) -> Shapes:
+    """The head keys of mmseg's ``EncoderDecoder`` with ``UPerHead`` + ``FCNHead`` (upernet base config)."""
+    shapes: Shapes = {"decode_head.conv_seg.weight": (num_classes, channels, 1, 1),
+                      "decode_head.conv_seg.bias": (num_classes,)}
+    for i, _ in enumerate(pool_scales):  # each PPM branch: AdaptiveAvgPool2d, then a 1x1 ConvModule
+        shapes.update(_conv_module(f"decode_head.psp_modules.{i}.1", in_channels[-1], channels, 1))
+    shapes.update(_conv_module("decode_head.bottleneck", in_channels[-1] + len(pool_scales) * channels, channels, 3))
+    for i, c in enumerate(in_channels[:-1]):
+        shapes.update(_conv_module(f"decode_head.lateral_convs.{i}", c, channels, 1))
+        shapes.update(_conv_module(f"decode_head.fpn_convs.{i}", channels, channels, 3))
+    shapes.update(_conv_module("decode_head.fpn_bottleneck", len(in_channels) * channels, channels, 3))
+    shapes.update({"auxiliary_head.conv_seg.weight": (num_classes, aux_channels, 1, 1),
+                   "auxiliary_head.conv_seg.bias": (num_classes,)})
+    shapes.update(_conv_module("auxiliary_head.convs.0", in_channels[aux_index], aux_channels, 3))
+    return shapes
+
+
+def mmdet_maskrcnn(in_channels: Sequence[int], num_classes: int, fpn_channels: int = 256, fc_channels: int = 1024,
+                   mask_channels: int = 256, num_anchors: int = 3, with_masks: bool = True) -> Shapes:
+    """The neck and head keys of mmdet's Mask R-CNN (``FPN``, ``RPNHead``, ``Shared2FCBBoxHead``, ``FCNMaskHead``;
+    mask-rcnn_r50_fpn base config): classifier ``num_classes + 1`` with background last, class-specific deltas."""
+    shapes: Shapes = {}
+    for i, c in enumerate(in_channels):
+        shapes.update(_conv_module(f"neck.lateral_convs.{i}", c, fpn_channels, 1, norm=False))
+        shapes.update(_conv_module(f"neck.fpn_convs.{i}", fpn_channels, fpn_channels, 3, norm=False))
+    shapes.update({"rpn_head.rpn_conv.weight": (fpn_channels, fpn_channels, 3, 3), "rpn_head.rpn_conv.bias":
+                   (fpn_channels,), "rpn_head.rpn_cls.weight": (num_anchors, fpn_channels, 1, 1),
+                   "rpn_head.rpn_cls.bias": (num_anchors,), "rpn_head.rpn_reg.weight": (4 * num_anchors,
+                   fpn_channels, 1, 1), "rpn_head.rpn_reg.bias": (4 * num_anchors,)})
+    box = "roi_head.bbox_head."
+    shapes.update({box + "fc_cls.weight": (num_classes + 1, fc_channels), box + "fc_cls.bias": (num_classes + 1,),
+                   box + "fc_reg.weight": (4 * num_classes, fc_channels), box + "fc_reg.bias": (4 * num_classes,),
+                   box + "shared_fcs.0.weight": (fc_channels, fpn_channels * 49), box + "shared_fcs.0.bias":
+                   (fc_channels,), box + "shared_fcs.1.weight": (fc_channels, fc_channels),
+                   box + "shared_fcs.1.bias": (fc_channels,)})
+    if with_masks:
+        mask = "roi_head.mask_head."
+        for i in range(4):
+            shapes.update(_conv_module(f"{mask}convs.{i}", fpn_channels if i == 0 else mask_channels, mask_channels,
+                                       3, norm=False))
+        shapes.update({mask + "upsample.weight": (mask_channels, mask_channels, 2, 2),
+                       mask + "upsample.bias": (mask_channels,),
+                       mask + "conv_logits.weight": (num_classes, mask_channels, 1, 1),
+                       mask + "conv_logits.bias": (num_classes,)})
+    return shapes
+
+
+def dense_backbone(official: Dict[str, Tensor], dims: Sequence[int]) -> Shapes:
+    """An official classifier layout as its dense backbone (``Backbone_VSSM``): ``classifier.*`` / ``norm`` /
+    ``head`` deleted, ``outnorm{i}`` added, everything under ``backbone.``."""
+    classifier = ("classifier.", "norm.", "head.")
+    out = {f"backbone.{k}": tuple(v.shape) for k, v in official.items() if not k.startswith(classifier)}
+    for i, dim in enumerate(dims):
+        out.update({f"backbone.outnorm{i}.weight": (dim,), f"backbone.outnorm{i}.bias": (dim,)})
+    return out
+
+
+def materialise(shapes: Shapes, seed: int = 0, meta: bool = False) -> Dict[str, Tensor]:
+    """Random tensors of ``shapes`` (BatchNorm variances positive, batch counters int64), or meta tensors."""
+    if meta:
+        return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(1000, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.05
+    return out
+
+

@@ -42,6 +42,14 @@ from torch import Tensor, nn
 
 import backbones
 from backbones._checkpoint import STATE_DICT_KEYS, unwrap_state_dict
+from tools.convert_dense import (
+    DenseConversion,
+    convert_dense,
+    default_out,
+    dense_framework,
+    openmmlab_checkpoint,
+    write_task_weights,
+)
 from tools.output_folder import check_output_folder, write_output_folder
 from tools.safe_load import describe, load_checkpoint
 
@@ -245,26 +253,60 @@ def parse_model_args(items: List[str]) -> Dict[str, Any]:
     return args
 
 
+def convert_dense_file(checkpoint: dict, args: argparse.Namespace) -> DenseConversion:
+    """tools.convert for an mmseg / mmdet checkpoint: the task weights run.py loads with ``weights=``."""
+    if args.model_arg:
+        raise ValueError("--model-arg builds a classifier; for a UperNet / Mask R-CNN file pass the backbone's "
+                         "arguments as run.py overrides, e.g. --override backbone.drop_path_rate=0.2")
+    weights, _, weights_from = select_weights(checkpoint, args.ema)
+    weights = unwrap_state_dict(weights)
+    task_sd, conversion = convert_dense(checkpoint, weights, weights_from, args.variant, args.checkpoint.name,
+                                        args.experiment, args.override)
+    description = conversion.description()
+    openmmlab = openmmlab_checkpoint(task_sd, weights, description) if args.openmmlab else None
+    conversion.out_dir = write_output_folder(args.out or default_out(conversion),
+                                             lambda folder: write_task_weights(task_sd, description, folder, openmmlab),
+                                             "tools.convert", args.force, args.checkpoint.name)
+    return conversion
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="official checkpoint file (.pth/.ckpt)")
-    parser.add_argument("variant", help="our model name (python -c 'import backbones; "
+    parser.add_argument("variant", help="our backbone name (python -c 'import backbones; "
                                         "print(backbones.list_backbones())')")
-    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>); a new folder, an empty one "
-                                                 "or an earlier output of this tool")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>, or ./<recipe>_<variant> for "
+                                                 "UperNet / Mask R-CNN files); a new folder, an empty one or an "
+                                                 "earlier output of this tool")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
                                                               "write (its files are never replaced)")
     parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema, state_dict_ema, "
                                                            "ema_model, mmengine/mmcv EMA hooks)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
+    parser.add_argument("--experiment", help="UperNet / Mask R-CNN files: the run.py experiment to convert for "
+                                             "(default: ade20k_upernet_<variant> / coco_maskrcnn_1x_<variant>)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="UperNet / Mask R-CNN files: a run.py override of that experiment, repeatable")
+    parser.add_argument("--openmmlab", action="store_true",
+                        help="UperNet / Mask R-CNN files: also write openmmlab.pth for mmseg/mmdet configs with "
+                             "MambaLabBackbone (docs/mm)")
     args = parser.parse_args(argv)
-    out_dir = args.out or Path(args.variant)
     try:
+        if args.out is not None:
+            check_output_folder(args.out, "tools.convert", args.force)
+        checkpoint = load_official(args.checkpoint)
+        if dense_framework(unwrap_state_dict(select_weights(checkpoint, args.ema)[0])):
+            print(convert_dense_file(checkpoint, args).summary())
+            return 0
+        if args.experiment or args.override:
+            raise ValueError(f"--experiment/--override apply to UperNet / Mask R-CNN checkpoints; {args.checkpoint} "
+                             f"has no mmseg decode_head or mmdet roi_head keys")
+        out_dir = args.out or Path(args.variant)
         check_output_folder(out_dir, "tools.convert", args.force)
         model_args = parse_model_args(args.model_arg)
-        model, conversion = convert_state_dict(load_official(args.checkpoint), args.variant, args.ema, **model_args)
+        model, conversion = convert_state_dict(checkpoint, args.variant, args.ema, **model_args)
         conversion.out_dir = save_model_folder(model, out_dir, force=args.force, source=args.checkpoint.name)
     except (FileNotFoundError, KeyError, ValueError) as err:  # OutputFolderError is a ValueError
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""tools.convert on released UperNet (mmseg) and Mask R-CNN (mmdet) checkpoints: the official layouts (written
+from the official module structure, tests/release_fixtures.py) fit the model run.py builds for the matching
+experiment exactly, convert strictly into weights that run.py evaluates and fine-tunes from (``weights=``), and
+wrong combinations fail naming what the file holds."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tasks.weights import load_task_weights, read_task_weights
+from tests import release_fixtures as rf
+from tests.conftest import compose_config, run_cli
+from tests.dense_fixtures import make_ade20k, make_coco
+from tests.test_convert import RELEASES, TEST_VMAMBA, vmamba_official
+from tools.convert import main
+from tools.convert_dense import fit_dense, plan_dense
+
+TEST_DIMS = (8, 16, 32, 64)
+
+
+@pytest.fixture(scope="module")
+def ade_dir(tmp_path_factory):
+    return make_ade20k(tmp_path_factory.mktemp("ade"))
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+    return make_coco(tmp_path_factory.mktemp("coco"))
+
+
+def _test_backbone(config: dict = TEST_VMAMBA, dims=TEST_DIMS) -> rf.Shapes:
+    return rf.dense_backbone(vmamba_official(**config, num_classes=1000, meta=True), dims)
+
+
+def upernet_file(num_classes: int = 150, seed: int = 0) -> dict:
+    """A tiny official-layout UperNet state dict on test_vmamba (decoder 32 wide, auxiliary head 16)."""
+    shapes = {**_test_backbone(), **rf.mmseg_upernet(TEST_DIMS, num_classes, channels=32, aux_channels=16)}
+    return rf.materialise(shapes, seed)
+
+
+def maskrcnn_file(num_classes: int = 3, seed: int = 0) -> dict:
+    """A tiny official-layout Mask R-CNN state dict on test_vmamba (FPN 32, box FCs 64, mask convs 16)."""
+    shapes = {**_test_backbone(), **rf.mmdet_maskrcnn(TEST_DIMS, num_classes, fpn_channels=32, fc_channels=64,
+                                                      mask_channels=16)}
+    return rf.materialise(shapes, seed)
+
+
+# Published sizes (MzeroMiko/VMamba README): UperNet 160k / Mask R-CNN 1x parameters in millions.
+PUBLISHED = {("vmamba_tiny_s1l8", "mmseg"): 62, ("vmamba_tiny_s1l8", "mmdet"): 50,
+             ("vmamba_tiny_s2l5", "mmseg"): 62, ("vmamba_tiny_s2l5", "mmdet"): 50,
+             ("vanilla_vmamba_tiny", "mmseg"): 55, ("vanilla_vmamba_tiny", "mmdet"): 42}
+
+
+@pytest.mark.parametrize("variant,framework", sorted(PUBLISHED))
+def test_each_released_dense_layout_fits_its_experiment_exactly(variant, framework):
+    """Full size, on the meta device: the released model's keys and shapes are exactly those of the model run.py
+    builds for ``ade20k_upernet_<variant>`` / ``coco_maskrcnn_1x_<variant>``, with the published size."""
+    config, _ = RELEASES[variant]
+    dims = config["dims"]
+    shapes = _test_backbone(config, dims)
+    shapes.update(rf.mmseg_upernet(dims, 150) if framework == "mmseg" else rf.mmdet_maskrcnn(dims, 80))
+    weights = rf.materialise(shapes, meta=True)
+    plan = plan_dense({}, weights, variant)
+    expected = f"ade20k_upernet_{variant}" if framework == "mmseg" else f"coco_maskrcnn_1x_{variant}"
+    assert (plan.experiment, plan.overrides) == (expected, [])
+    backbone, head, _, _ = fit_dense(plan, weights, meta=True)
+    parameters = sum(p.numel() for module in (backbone, head) for p in module.parameters())
+    assert abs(parameters / 1e6 - PUBLISHED[(variant, framework)]) < 0.5
+
+
+def test_upernet_file_converts_and_run_py_evaluates_it(ade_dir, tmp_path, capsys):
+    state = upernet_file()
+    checkpoint = rf.mmengine_checkpoint(state, [f"class{i}" for i in range(150)], [[i, i, i] for i in range(150)])
+    path = rf.save(checkpoint, tmp_path / "upernet_vssm_4xb4-160k_ade20k-512x512_test_iter_160000.pth")
+    out = tmp_path / "converted"
+    assert main([str(path), "test_vmamba", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    overrides = ["backbone=test_vmamba", "head.channels=32", "head.aux_channels=16"]
+    assert "a UperNet (UPerHead + FCNHead) with 150 classes (mmseg 1.x) from state_dict" in printed
+    assert f"evaluate: python run.py mode=eval experiment=ade20k_upernet_common {' '.join(overrides)} " \
+           f"weights={out}" in printed
+    weights, meta = read_task_weights(out)
+    assert meta == json.loads((out / "mambalab.json").read_text())
+    assert (meta["experiment"], meta["overrides"], meta["backbone"], meta["head"], meta["num_classes"]) == (
+        "ade20k_upernet_common", overrides, "test_vmamba", "heads.UperNet", 150)
+    assert meta["classes"][:2] == ["class0", "class1"] and meta["source"]["layout"] == "mmseg 1.x"
+    # Every tensor of the file, renamed: the family's rules for the backbone, mmseg's own names for the head.
+    assert len(weights) == len(state)
+    renamed = {"backbone.model.stem.conv1.weight": "backbone.patch_embed.0.weight",
+               "backbone.model.stages.2.downsample.conv.weight": "backbone.layers.1.downsample.1.weight",
+               "backbone.model.stages.3.blocks.0.mixer.ssm.A_logs": "backbone.layers.3.blocks.0.op.A_logs",
+               "backbone.model.feature_norms.2.bias": "backbone.outnorm2.bias",
+               "head.decode_head.psp_modules.3.1.bn.running_var": "decode_head.psp_modules.3.1.bn.running_var",
+               "head.auxiliary_head.conv_seg.weight": "auxiliary_head.conv_seg.weight"}
+    for ours, official in renamed.items():
+        assert torch.equal(weights[ours], state[official]), ours
+    result = run_cli(["mode=eval", "experiment=ade20k_upernet_common", *overrides, f"weights={out}",
+                      f"data.root={ade_dir}", "data.num_workers=0", "trainer=cpu", "logger=csv",
+                      "print_config=false", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert f"weights: {out} loaded into backbone, head (converted from {path.name})" in output
+    assert re.search(r"test/mIoU = [0-9.]+", output)
+
+
+def test_fine_tuning_starts_from_the_converted_weights(ade_dir, tmp_path):
+    from run import build_task
+
+    state = upernet_file()
+    path = rf.save(rf.mmcv_checkpoint(state, [f"c{i}" for i in range(150)], [[0, 0, 0]] * 150), tmp_path / "u.pth")
+    assert main([str(path), "test_vmamba", "--out", str(tmp_path / "w")]) == 0
+    cfg = compose_config(["experiment=ade20k_upernet_common", "backbone=test_vmamba", "head.channels=32",
+                          "head.aux_channels=16", f"data.root={ade_dir}", "data.num_workers=0",
+                          f"weights={tmp_path / 'w'}"], tmp_path)
+    datamodule, task = build_task(cfg)
+    load_task_weights(task, cfg.weights, cfg.backbone.name, cfg.head._target_, datamodule)
+    weights, meta = read_task_weights(tmp_path / "w" / "model.safetensors")
+    assert meta["source"]["layout"] == "mmseg 0.x" and meta["classes"][0] == "c0"
+    for key, value in task.state_dict().items():
+        if key.startswith(("backbone.", "head.")):
+            assert torch.equal(value, weights[key]), key
+
+
+def test_maskrcnn_file_converts_into_torchvision_layout_and_run_py_evaluates_it(coco_dir, tmp_path, capsys):
+    state = maskrcnn_file()
+    checkpoint = rf.mmengine_checkpoint(state, ["person", "car", "train"], [[220, 20, 60]] * 3)
+    path = rf.save(checkpoint, tmp_path / "mask_rcnn_vssm_fpn_coco_test_epoch_12.pth")
+    out = tmp_path / "converted"
+    assert main([str(path), "test_vmamba", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "a Mask R-CNN (FPN, RPN, 2-FC box head, FCN mask head) with 3 classes (mmdet 3.x)" in printed
+    overrides = ["backbone=test_vmamba", "head.fpn_channels=32", "head.representation_size=64", "head.mask_channels=16"]
+    weights, meta = read_task_weights(out)
+    assert meta["overrides"] == overrides and meta["experiment"] == "coco_maskrcnn_1x_common"
+    # Background: mmdet's last classifier row is torchvision's first; deltas and masks get a zero background slot.
+    cls = weights["head.roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(cls[0], state["roi_head.bbox_head.fc_cls.weight"][3])
+    assert torch.equal(cls[1:], state["roi_head.bbox_head.fc_cls.weight"][:3])
+    deltas = weights["head.roi_heads.box_predictor.bbox_pred.weight"]
+    assert not deltas[:4].any() and torch.equal(deltas[4:], state["roi_head.bbox_head.fc_reg.weight"])
+    masks = weights["head.roi_heads.mask_predictor.mask_fcn_logits.weight"]
+    assert not masks[0].any() and torch.equal(masks[1:], state["roi_head.mask_head.conv_logits.weight"])
+    assert torch.equal(weights["head.fpn.inner_blocks.2.0.weight"], state["neck.lateral_convs.2.conv.weight"])
+    assert torch.equal(weights["head.rpn.head.conv.0.0.bias"], state["rpn_head.rpn_conv.bias"])
+    assert torch.equal(weights["head.roi_heads.box_head.fc7.weight"], state["roi_head.bbox_head.shared_fcs.1.weight"])
+    assert torch.equal(weights["head.roi_heads.mask_head.3.0.weight"], state["roi_head.mask_head.convs.3.conv.weight"])
+    result = run_cli(["mode=eval", "experiment=coco_maskrcnn_1x_common", *overrides, f"weights={out}",
+                      f"data.root={coco_dir}", "data.num_workers=0", "head.min_size=64", "head.max_size=128",
+                      "trainer=cpu", "print_config=false", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"test/bbox_mAP = [-0-9.]+", result.stdout + result.stderr)
+
+
+def test_a_faster_rcnn_and_a_head_without_auxiliary_branch_follow_the_file(tmp_path):
+    no_masks = {k: v for k, v in maskrcnn_file().items() if not k.startswith("roi_head.mask_head.")}
+    plan = plan_dense({}, no_masks, "test_vmamba")
+    assert "head.with_masks=false" in plan.overrides and plan.dense.head.startswith("Faster R-CNN")
+    fit_dense(plan, no_masks)
+    no_aux = {k: v for k, v in upernet_file().items() if not k.startswith("auxiliary_head.")}
+    plan = plan_dense({}, no_aux, "test_vmamba")
+    assert "head.aux_index=null" in plan.overrides
+    fit_dense(plan, no_aux)
+
+
+def test_wrong_combinations_name_what_the_file_holds(tmp_path, capsys):
+    s2l5 = {**_test_backbone(RELEASES["vmamba_tiny_s2l5"][0], (96, 192, 384, 768)),
+            **rf.mmseg_upernet((96, 192, 384, 768), 150)}
+    weights = rf.materialise(s2l5, meta=True)
+    with pytest.raises(ValueError, match=r"the file holds a UperNet \(UPerHead \+ FCNHead\) with 150 classes "
+                                         r"\(mmseg \(no meta\)\); its backbone fits vmamba_tiny_s2l5, not "
+                                         r"vmamba_tiny_s1l8"):
+        fit_dense(plan_dense({}, weights, "vmamba_tiny_s1l8"), weights, meta=True)
+    detector = rf.save(rf.mmengine_checkpoint(maskrcnn_file(), ["a", "b", "c"], [[0, 0, 0]] * 3), tmp_path / "d.pth")
+    assert main([str(detector), "test_vmamba", "--experiment", "ade20k_upernet_common"]) == 1
+    assert ("the file holds a Mask R-CNN (FPN, RPN, 2-FC box head, FCN mask head) with 3 classes (mmdet 3.x), but "
+            "experiment=ade20k_upernet_common builds heads.UperNet") in capsys.readouterr().err
+    assert main([str(detector), "test_msvmamba", "--out", str(tmp_path / "x")]) == 1
+    assert "its backbone fits no registered msvmamba variant" in capsys.readouterr().err
+    no_outnorm = {k: v for k, v in upernet_file().items() if ".outnorm" not in k}
+    with pytest.raises(ValueError, match="its backbone lacks 8 tensors of the dense backbone"):
+        fit_dense(plan_dense({}, no_outnorm, "test_vmamba"), no_outnorm)
+    classifier = rf.save({"model": vmamba_official(**TEST_VMAMBA, num_classes=5)}, tmp_path / "cls.pth")
+    assert main([str(classifier), "test_vmamba", "--experiment", "ade20k_upernet_common"]) == 1
+    assert "--experiment/--override apply to UperNet / Mask R-CNN checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_py_refuses_weights_made_for_another_model(ade_dir, tmp_path):
+    from run import build_task
+
+    cityscapes = rf.save({"state_dict": upernet_file(num_classes=19)}, tmp_path / "cityscapes.pth")
+    assert main([str(cityscapes), "test_vmamba", "--out", str(tmp_path / "w19")]) == 0
+    base = ["experiment=ade20k_upernet_common", "head.channels=32", "head.aux_channels=16", f"data.root={ade_dir}",
+            "data.num_workers=0"]
+    for overrides, message in ((["backbone=test_vmamba"], "num_classes 19 (this run: 150)"),
+                               (["backbone=test_msvmamba"], "backbone 'test_vmamba' (this run: 'test_msvmamba')")):
+        cfg = compose_config([*base, *overrides], tmp_path)
+        datamodule, task = build_task(cfg)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_task_weights(task, tmp_path / "w19", cfg.backbone.name, cfg.head._target_, datamodule)
+    with pytest.raises(FileNotFoundError, match="weights=.*nope: no such file"):
+        read_task_weights(tmp_path / "nope")
