@@ -1,4 +1,5 @@
-"""OpenMMLab integration: registration, the documented configs build and train a step, UperNet parity.
+"""OpenMMLab integration: registration, the documented configs build and train a step; converted official UperNet
+and Mask R-CNN checkpoints load strictly into those configs and our models reproduce mmseg's / mmdet's outputs.
 
 Runs only where the optional ``mm`` stack (compiled mmcv 2.1, mmengine, mmdet 3.3, mmsegmentation 1.2)
 imports; elsewhere every test skips with the reason.
@@ -19,6 +20,7 @@ pytest.importorskip("mmcv.ops", reason="mmcv with compiled ops is not installed"
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.runner import load_checkpoint  # noqa: E402
 
 DOCS = ROOT / "docs" / "mm"
 UPERNET_CONFIG = DOCS / "upernet_vmamba_tiny_s1l8_8xb2-160k_ade20k-512x512.py"
@@ -144,3 +146,77 @@ def test_our_upernet_loads_mmseg_head_weights_strictly_and_matches_its_output():
     with torch.no_grad():
         torch.testing.assert_close(ours(features), decode(features))
         torch.testing.assert_close(ours.forward_aux(features), aux(features))
+
+
+def _realistic(state: dict, seed: int = 0) -> dict:
+    """Random weights at trained-model scales: He-initialised convs, BatchNorm near identity, so that logits are
+    O(1) and a 1e-4 tolerance means something."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if key.endswith("bn.weight"):
+            value = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        elif key.endswith(("bn.bias", "bn.running_mean")):
+            value = 0.1 * torch.randn(value.shape, generator=g)
+        elif key.endswith("bn.running_var"):
+            value = 0.5 + torch.rand(value.shape, generator=g)
+        elif "_head." in key and value.dim() == 4:
+            value = torch.randn(value.shape, generator=g) * (2 / value[0].numel()) ** 0.5
+        out[key] = value
+    return out
+
+
+def _converted(official: dict, tmp_path, name: str, classes: int = 150) -> tuple[dict, dict]:
+    """The official-layout state dict through tools.convert (with --openmmlab): our task weights and their
+    description; the OpenMMLab checkpoint is <tmp_path>/<name>/openmmlab.pth."""
+    from tasks.weights import read_task_weights
+    from tests import release_fixtures as rf
+    from tools.convert import main
+
+    path = rf.save(rf.mmengine_checkpoint(official, [f"c{i}" for i in range(classes)], [[0, 0, 0]] * classes),
+                   tmp_path / f"{name}.pth")
+    assert main([str(path), "test_vmamba", "--out", str(tmp_path / name), "--openmmlab"]) == 0
+    return read_task_weights(tmp_path / name)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_converted_upernet_reproduces_mmseg_encoder_decoder(mode, tmp_path):
+    """mmseg's EncoderDecoder (UPerHead + FCNHead) from the official config, with our backbone registered through
+    backbones.mm, loads the official-layout checkpoint strictly (the exact path); run.py's task on the converted
+    weights gives the same segmentation logits, whole-image and sliding-window, at sizes that are not multiples
+    of 32."""
+    import hydra
+    from mmseg.registry import MODELS
+
+    import run
+    from tests.conftest import compose_config
+    from tests.test_convert_dense import upernet_file
+
+    official = _realistic(upernet_file())
+    weights, meta = _converted(official, tmp_path, "upernet")
+    crop, stride = (96, 96), (64, 64)
+    cfg = load_config(UPERNET_CONFIG, "mmseg")
+    cfg.model.decode_head.update(in_channels=TEST_CHANNELS, channels=32, norm_cfg=dict(type="BN"))
+    cfg.model.auxiliary_head.update(in_channels=TEST_CHANNELS[2], channels=16, norm_cfg=dict(type="BN"))
+    cfg.model.test_cfg = dict(mode=mode, crop_size=crop, stride=stride)
+    reference = MODELS.build(cfg.model).eval()
+    load_checkpoint(reference, str(tmp_path / "upernet" / "openmmlab.pth"), strict=True)
+
+    ours_cfg = compose_config([f"experiment={meta['experiment']}", *meta["overrides"], f"task.inference={mode}",
+                               f"task.crop_size=[{crop[0]},{crop[1]}]", f"task.stride=[{stride[0]},{stride[1]}]"],
+                              tmp_path)
+    backbone, head = run.build_model(ours_cfg, 3, 150)
+    task = hydra.utils.instantiate(ours_cfg.task, backbone=backbone, head=head, optimizer=None, num_classes=150)
+    task.load_state_dict(weights, strict=True)
+    task.eval()
+    torch.manual_seed(0)
+    for size in ((83, 117), (150, 230)):
+        images = torch.randn(1, 3, *size)
+        metas = [dict(img_shape=size, ori_shape=size, pad_shape=size, padding_size=[0, 0, 0, 0])]
+        with torch.no_grad():
+            expected = reference.inference(images, metas)
+            got = task.predict_logits(images)
+        assert got.shape == expected.shape == (1, 150, *size)
+        assert expected.abs().max() > 0.5  # logits of a useful scale, so that the tolerance is meaningful
+        assert (got - expected).abs().max() <= 1e-4
+
