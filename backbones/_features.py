@@ -10,6 +10,8 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from ._checkpoint import require_local_weights
+
 
 class HierarchicalFeaturesMixin:
     """``forward_intermediates``/``prune_intermediate_layers`` for models with ``stem``, ``stages``
@@ -73,6 +75,7 @@ def create_hierarchical(model_cls: type, variant: str, pretrained: bool = False,
                         **kwargs: Any) -> nn.Module:
     """``build_model_with_cfg`` with 4-stage ``features_only`` support through ``forward_intermediates``;
     with ``dense_feature_norms`` a ``features_only`` model gets per-level ``feature_norms`` (unless told)."""
+    require_local_weights(variant, pretrained, kwargs)
     if dense_feature_norms:
         kwargs.setdefault("feature_norms", bool(kwargs.get("features_only")))
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

@@ -42,7 +42,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ._checkpoint import unwrap_state_dict, with_own_weights
+from ._checkpoint import require_local_weights, unwrap_state_dict, with_own_weights
 from ._features import imagenet_cfg
 from .layers import flagged_no_weight_decay
 from .scan_patterns import BidirectionalScan
@@ -383,6 +383,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tens
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    require_local_weights(variant, pretrained, kwargs)
     kwargs.setdefault("feature_pyramid", bool(kwargs.get("features_only")))
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
