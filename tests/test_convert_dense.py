@@ -36,16 +36,29 @@ def _test_backbone(config: dict = TEST_VMAMBA, dims=TEST_DIMS) -> rf.Shapes:
     return rf.dense_backbone(vmamba_official(**config, num_classes=1000, meta=True), dims)
 
 
-def upernet_file(num_classes: int = 150, seed: int = 0) -> dict:
-    """A tiny official-layout UperNet state dict on test_vmamba (decoder 32 wide, auxiliary head 16)."""
-    shapes = {**_test_backbone(), **rf.mmseg_upernet(TEST_DIMS, num_classes, channels=32, aux_channels=16)}
+def _msvmamba_backbone(depths, dims, generation: str, gated: bool, ffn_ratio: float, ssm_ratio: float) -> rf.Shapes:
+    """MSVMamba's dense backbone (its ``MM_VSSM``: VMamba's ``Backbone_VSSM`` on MS blocks)."""
+    from tests.test_msvmamba import _official_state_dict
+
+    official = _official_state_dict(depths, dims, ssm_ratio, 1, generation, gated, ffn_ratio)
+    return rf.dense_backbone({k: v.to("meta") for k, v in official.items()}, dims)
+
+
+# The official dense layouts of the test variants: VMamba's v2 release and MSVMamba's v3 (v2 branch).
+TEST_BACKBONES = {"test_vmamba": _test_backbone,
+                  "test_msvmamba": lambda: _msvmamba_backbone((1, 1, 1, 1), TEST_DIMS, "v3", False, 4.0, 1.0)}
+
+
+def upernet_file(num_classes: int = 150, seed: int = 0, variant: str = "test_vmamba") -> dict:
+    """A tiny official-layout UperNet state dict (decoder 32 wide, auxiliary head 16)."""
+    shapes = {**TEST_BACKBONES[variant](), **rf.mmseg_upernet(TEST_DIMS, num_classes, channels=32, aux_channels=16)}
     return rf.materialise(shapes, seed)
 
 
-def maskrcnn_file(num_classes: int = 3, seed: int = 0) -> dict:
-    """A tiny official-layout Mask R-CNN state dict on test_vmamba (FPN 32, box FCs 64, mask convs 16)."""
-    shapes = {**_test_backbone(), **rf.mmdet_maskrcnn(TEST_DIMS, num_classes, fpn_channels=32, fc_channels=64,
-                                                      mask_channels=16)}
+def maskrcnn_file(num_classes: int = 3, seed: int = 0, variant: str = "test_vmamba") -> dict:
+    """A tiny official-layout Mask R-CNN state dict (FPN 32, box FCs 64, mask convs 16)."""
+    shapes = {**TEST_BACKBONES[variant](), **rf.mmdet_maskrcnn(TEST_DIMS, num_classes, fpn_channels=32,
+                                                               fc_channels=64, mask_channels=16)}
     return rf.materialise(shapes, seed)
 
 
@@ -70,6 +83,47 @@ def test_each_released_dense_layout_fits_its_experiment_exactly(variant, framewo
     backbone, head, _, _ = fit_dense(plan, weights, meta=True)
     parameters = sum(p.numel() for module in (backbone, head) for p in module.parameters())
     assert abs(parameters / 1e6 - PUBLISHED[(variant, framework)]) < 0.5
+
+
+# MSVMamba (YuHengsss/MSVMamba README, master-branch v1 models): parameters in millions of its released
+# UperNet 160k and Mask R-CNN 1x models, and the official downstream configs' backbones (ms_vssm/*).
+MSVMAMBA_PUBLISHED = {("msvmamba_tiny", "mmseg"): 65, ("msvmamba_tiny", "mmdet"): 53,
+                      ("msvmamba_micro", "mmseg"): 42, ("msvmamba_micro", "mmdet"): 32}
+MSVMAMBA_CONFIGS = {"msvmamba_tiny": ((1, 2, 9, 2), (96, 192, 384, 768)),
+                    "msvmamba_micro": ((1, 2, 5, 2), (64, 128, 256, 512))}
+
+
+@pytest.mark.parametrize("variant,framework", sorted(MSVMAMBA_PUBLISHED))
+def test_msvmamba_released_dense_layouts_fit_exactly(variant, framework):
+    depths, dims = MSVMAMBA_CONFIGS[variant]
+    shapes = _msvmamba_backbone(depths, dims, "v1", True, 2.0, 2.0)
+    shapes.update(rf.mmseg_upernet(dims, 150) if framework == "mmseg" else rf.mmdet_maskrcnn(dims, 80))
+    weights = rf.materialise(shapes, meta=True)
+    plan = plan_dense({}, weights, variant)
+    recipe = "ade20k_upernet" if framework == "mmseg" else "coco_maskrcnn_1x"
+    expected = f"{recipe}_{variant}" if variant == "msvmamba_tiny" else f"{recipe}_common"
+    assert plan.experiment == expected
+    backbone, head, _, _ = fit_dense(plan, weights, meta=True)
+    parameters = sum(p.numel() for module in (backbone, head) for p in module.parameters())
+    assert abs(parameters / 1e6 - MSVMAMBA_PUBLISHED[(variant, framework)]) < 0.5
+
+
+@pytest.mark.parametrize("framework", ["mmseg", "mmdet"])
+def test_msvmamba_dense_files_convert_into_run_py_models(framework, ade_dir, coco_dir, tmp_path):
+    from run import build_task
+
+    state = upernet_file(variant="test_msvmamba") if framework == "mmseg" else maskrcnn_file(variant="test_msvmamba")
+    path = rf.save({"state_dict": state}, tmp_path / "official.pth")
+    assert main([str(path), "test_msvmamba", "--out", str(tmp_path / "w")]) == 0
+    weights, meta = read_task_weights(tmp_path / "w")
+    data = f"data.root={ade_dir}" if framework == "mmseg" else f"data.root={coco_dir}"
+    cfg = compose_config([f"experiment={meta['experiment']}", *meta["overrides"], data, "data.num_workers=0"],
+                         tmp_path)
+    datamodule, task = build_task(cfg)
+    load_task_weights(task, tmp_path / "w", cfg.backbone.name, cfg.head._target_, datamodule)
+    assert torch.equal(task.backbone.model.stages[1].blocks[0].mixer.conv2d_low.weight,
+                       state["backbone.layers.1.blocks.0.op.conv2d_b1.weight"])
+    assert torch.equal(task.backbone.model.feature_norms[3].weight, state["backbone.outnorm3.weight"])
 
 
 def test_upernet_file_converts_and_run_py_evaluates_it(ade_dir, tmp_path, capsys):

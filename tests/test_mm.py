@@ -35,10 +35,10 @@ def quiet():
         yield
 
 
-def load_config(path, scope: str) -> Config:
-    """A documented config with the tiny test backbone and plain BatchNorm (SyncBN needs a process group)."""
+def load_config(path, scope: str, backbone: str = "test_vmamba") -> Config:
+    """A documented config with a tiny test backbone and plain BatchNorm (SyncBN needs a process group)."""
     cfg = Config.fromfile(str(path))
-    cfg.model.backbone.name = "test_vmamba"
+    cfg.model.backbone.name = backbone
     cfg.model.backbone.drop_path_rate = 0.0
     init_default_scope(scope)
     return cfg
@@ -166,7 +166,8 @@ def _realistic(state: dict, seed: int = 0) -> dict:
     return out
 
 
-def _converted(official: dict, tmp_path, name: str, classes: int = 150) -> tuple[dict, dict]:
+def _converted(official: dict, tmp_path, name: str, classes: int = 150, variant: str = "test_vmamba"
+               ) -> tuple[dict, dict]:
     """The official-layout state dict through tools.convert (with --openmmlab): our task weights and their
     description; the OpenMMLab checkpoint is <tmp_path>/<name>/openmmlab.pth."""
     from tasks.weights import read_task_weights
@@ -175,12 +176,13 @@ def _converted(official: dict, tmp_path, name: str, classes: int = 150) -> tuple
 
     path = rf.save(rf.mmengine_checkpoint(official, [f"c{i}" for i in range(classes)], [[0, 0, 0]] * classes),
                    tmp_path / f"{name}.pth")
-    assert main([str(path), "test_vmamba", "--out", str(tmp_path / name), "--openmmlab"]) == 0
+    assert main([str(path), variant, "--out", str(tmp_path / name), "--openmmlab"]) == 0
     return read_task_weights(tmp_path / name)
 
 
-@pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_converted_upernet_reproduces_mmseg_encoder_decoder(mode, tmp_path):
+@pytest.mark.parametrize("mode,variant", [("whole", "test_vmamba"), ("slide", "test_vmamba"),
+                                          ("whole", "test_msvmamba")])
+def test_converted_upernet_reproduces_mmseg_encoder_decoder(mode, variant, tmp_path):
     """mmseg's EncoderDecoder (UPerHead + FCNHead) from the official config, with our backbone registered through
     backbones.mm, loads the official-layout checkpoint strictly (the exact path); run.py's task on the converted
     weights gives the same segmentation logits, whole-image and sliding-window, at sizes that are not multiples
@@ -192,10 +194,10 @@ def test_converted_upernet_reproduces_mmseg_encoder_decoder(mode, tmp_path):
     from tests.conftest import compose_config
     from tests.test_convert_dense import upernet_file
 
-    official = _realistic(upernet_file())
-    weights, meta = _converted(official, tmp_path, "upernet")
+    official = _realistic(upernet_file(variant=variant))
+    weights, meta = _converted(official, tmp_path, "upernet", variant=variant)
     crop, stride = (96, 96), (64, 64)
-    cfg = load_config(UPERNET_CONFIG, "mmseg")
+    cfg = load_config(UPERNET_CONFIG, "mmseg", variant)
     cfg.model.decode_head.update(in_channels=TEST_CHANNELS, channels=32, norm_cfg=dict(type="BN"))
     cfg.model.auxiliary_head.update(in_channels=TEST_CHANNELS[2], channels=16, norm_cfg=dict(type="BN"))
     cfg.model.test_cfg = dict(mode=mode, crop_size=crop, stride=stride)
@@ -229,7 +231,8 @@ def _realistic_detector(state: dict, seed: int = 0) -> dict:
         for k, v in state.items()}
 
 
-def test_converted_maskrcnn_matches_mmdet_module_by_module(tmp_path):
+@pytest.mark.parametrize("variant", ["test_vmamba", "test_msvmamba"])
+def test_converted_maskrcnn_matches_mmdet_module_by_module(variant, tmp_path):
     """mmdet's Mask R-CNN from the official config (our backbone through backbones.mm) loads the official-layout
     checkpoint strictly; on the converted weights our torchvision-based head gives the same FPN maps, RPN
     objectness and deltas, anchors, box-head logits and deltas and mask logits for the same RoIs (<= 1e-4)."""
@@ -242,11 +245,12 @@ def test_converted_maskrcnn_matches_mmdet_module_by_module(tmp_path):
     import run
     from tests import release_fixtures as rf
     from tests.conftest import compose_config
-    from tests.test_convert_dense import _test_backbone
+    from tests.test_convert_dense import TEST_BACKBONES
 
-    official = _realistic_detector(rf.materialise({**_test_backbone(), **rf.mmdet_maskrcnn(TEST_CHANNELS, 80)}))
-    weights, meta = _converted(official, tmp_path, "mask_rcnn", classes=80)
-    cfg = load_config(MASKRCNN_CONFIG, "mmdet")
+    official = _realistic_detector(rf.materialise({**TEST_BACKBONES[variant](),
+                                                   **rf.mmdet_maskrcnn(TEST_CHANNELS, 80)}))
+    weights, meta = _converted(official, tmp_path, "mask_rcnn", classes=80, variant=variant)
+    cfg = load_config(MASKRCNN_CONFIG, "mmdet", variant)
     cfg.model.neck.in_channels = TEST_CHANNELS
     reference = MODELS.build(cfg.model).eval()
     load_checkpoint(reference, str(tmp_path / "mask_rcnn" / "openmmlab.pth"), strict=True)
