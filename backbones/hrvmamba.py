@@ -36,7 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import create_hierarchical, imagenet_cfg
 from .dcnv4 import DCNv4
 from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
@@ -210,11 +210,16 @@ class ClassificationNeck(nn.Module):
             ConvNormAct(widths[i], widths[i + 1], 3, stride=2, padding=1, bias=False) for i in range(len(widths) - 1))
         self.final_layer = ConvNormAct(widths[-1], out_chs, 1, bias=False)
 
-    def forward(self, xs: List[Tensor]) -> Tensor:
-        y = self.increase_layers[0](xs[0])
+    def forward_levels(self, xs: List[Tensor]) -> List[Tensor]:
+        """Every level's sum (strides 4-32), the last through ``final_layer``: what the official segmentation
+        backbone feeds UperNet (128/256/512/2048 channels)."""
+        levels = [self.increase_layers[0](xs[0])]
         for down, increase, x in zip(self.downsample_layers, self.increase_layers[1:], xs[1:]):
-            y = down(y) + increase(x)
-        return self.final_layer(y)
+            levels.append(down(levels[-1]) + increase(x))
+        return levels[:-1] + [self.final_layer(levels[-1])]
+
+    def forward(self, xs: List[Tensor]) -> Tensor:
+        return self.forward_levels(xs)[-1]
 
 
 class HRVMamba(nn.Module):
@@ -240,6 +245,9 @@ class HRVMamba(nn.Module):
         drop_path_rate: stochastic depth, increasing linearly over the blocks of stages 2-4.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend.
+        dense_features: what ``forward_intermediates`` (``features_only``) returns: "branches", the four branch maps,
+            or "neck", the classification neck's four levels (128/256/512/2048 channels) each through a LayerNorm
+            (``feature_norms``), as the official segmentation backbone (``Backbone_HRVMamba``, ``outnorm{i}``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, widths: Sequence[int] = (80, 160, 320, 640),
@@ -248,8 +256,11 @@ class HRVMamba(nn.Module):
                  ssm_drop_rate: float = 0.0, multiscale_output: bool = True,
                  neck_widths: Sequence[int] = (128, 256, 512, 1024), num_features: int = 2048,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
-                 scan_backend: str = "auto") -> None:
+                 scan_backend: str = "auto", dense_features: str = "branches") -> None:
         super().__init__()
+        if dense_features not in ("branches", "neck") or dense_features == "neck" and not multiscale_output:
+            raise ValueError(f"HRVMamba: dense_features must be 'branches' or 'neck' (the latter with "
+                             f"multiscale_output=True), got {dense_features!r}")
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
@@ -281,9 +292,14 @@ class HRVMamba(nn.Module):
             setattr(self, f"stage{s + 2}", nn.Sequential(*stage))
             pre = cur
         self.num_stages = len(num_modules)
-        outputs = widths if multiscale_output else widths[:1]
-        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"stage{self.num_stages + 1}")
-                             for i, w in enumerate(outputs)]
+        self.dense_features = dense_features
+        if dense_features == "neck":
+            outputs, module = [*neck_widths[:-1], num_features], "neck"
+            self.feature_norms = nn.ModuleList(LayerNorm2d(w) for w in outputs)
+        else:
+            outputs, module = widths if multiscale_output else widths[:1], f"stage{self.num_stages + 1}"
+            self.feature_norms = None
+        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=module) for i, w in enumerate(outputs)]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
         self.num_features = self.head_hidden_size = num_features if multiscale_output else widths[0]
         self.head_drop = nn.Dropout(drop_rate)
@@ -340,21 +356,31 @@ class HRVMamba(nn.Module):
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """The branch maps in ``indices`` (all by default), NCHW, finest first (there is no final norm)."""
+        """The branch maps (or, with ``dense_features="neck"``, the normalised neck levels) in ``indices`` (all by
+        default), NCHW, finest first."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         xs = self.forward_branches(x)
-        intermediates = [xs[i].permute(0, 2, 3, 1) if output_fmt == "NHWC" else xs[i] for i in take_indices]
+        levels = xs
+        if self.dense_features == "neck":
+            levels = [norm(level) for norm, level in zip(self.feature_norms, self.neck.forward_levels(xs))]
+        intermediates = [levels[i].permute(0, 2, 3, 1) if output_fmt == "NHWC" else levels[i] for i in take_indices]
         if intermediates_only:
             return intermediates
         return (self.neck(xs) if self.neck is not None else xs[0]), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the classification neck and head (all branches are needed for the exchange units)."""
+        """Drop the head, and the classification neck unless the features are its levels (all branches are needed
+        for the exchange units)."""
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
+        if self.feature_norms is not None:  # only the requested levels' norms, as the official backbone has
+            for index in set(range(len(self.feature_norms))) - set(take_indices):
+                self.feature_norms[index] = nn.Identity()
+        if prune_head and self.dense_features == "neck":
+            self.reset_classifier(0, "")
+        elif prune_head:
             self.neck = None
             self.num_features = self.head_hidden_size = self.widths[0]
             self.reset_classifier(0, "")
@@ -385,6 +411,7 @@ OFFICIAL_KEY_RULES: KeyRules = [
     (r"(\.branches\.\d+\.\d+)\.norm\.", r"\1.norm1."),
     (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
     (r"\.op\.", ".mixer."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the segmentation backbone's per-level norms
 ]
 
 
@@ -420,7 +447,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("neck.")}
     if not isinstance(getattr(model, "head", None), nn.Linear):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    return state_dict
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:

@@ -126,6 +126,57 @@ def test_msvmamba_dense_files_convert_into_run_py_models(framework, ade_dir, coc
     assert torch.equal(task.backbone.model.feature_norms[3].weight, state["backbone.outnorm3.weight"])
 
 
+def _hrvmamba_dense_backbone(variant: str) -> rf.Shapes:
+    """HRVMamba's segmentation backbone (``Backbone_HRVMamba``): the classifier without ``head`` (its neck kept,
+    ``final_layer`` included) plus ``outnorm{i}`` on the neck's four levels, official names under ``backbone.``."""
+    import timm
+
+    from tests.test_hrvmamba import _to_official
+
+    with torch.device("meta"):
+        model = timm.create_model(variant, num_classes=0, dense_features="neck")
+    return {"backbone." + re.sub(r"^feature_norms\.(\d+)\.", r"outnorm\1.", _to_official(k)): tuple(v.shape)
+            for k, v in model.state_dict().items()}
+
+
+def test_hrvmamba_released_upernet_fits_its_experiment_exactly():
+    """HRVMamba-Base UperNet 160k (README: 99M parameters, 51.4 mIoU): UperNet on the neck's 128/256/512/2048
+    levels, as ``ade20k_upernet_hrvmamba_base`` builds it."""
+    shapes = {**_hrvmamba_dense_backbone("hrvmamba_base"), **rf.mmseg_upernet((128, 256, 512, 2048), 150)}
+    weights = rf.materialise(shapes, meta=True)
+    plan = plan_dense({}, weights, "hrvmamba_base")
+    assert (plan.experiment, plan.overrides) == ("ade20k_upernet_hrvmamba_base", [])
+    backbone, head, _, _ = fit_dense(plan, weights, meta=True)
+    parameters = sum(p.numel() for module in (backbone, head) for p in module.parameters())
+    assert abs(parameters / 1e6 - 99) < 1  # 99.86 M: the README gives whole millions
+
+
+def test_hrvmamba_upernet_file_converts_with_the_neck_features(ade_dir, tmp_path, capsys):
+    from run import build_task
+
+    channels = (16, 16, 32, 64)  # test_hrvmamba's neck levels
+    shapes = {**_hrvmamba_dense_backbone("test_hrvmamba"),
+              **rf.mmseg_upernet(channels, 150, channels=32, aux_channels=16)}
+    state = rf.materialise(shapes)
+    path = rf.save({"state_dict": state}, tmp_path / "hrvmamba_upernet.pth")
+    assert main([str(path), "test_hrvmamba", "--out", str(tmp_path / "x")]) == 1  # the branch features do not fit
+    assert "its backbone fits no registered hrvmamba variant" in capsys.readouterr().err
+    assert main([str(path), "test_hrvmamba", "--out", str(tmp_path / "w"),
+                 "--override", "+backbone.dense_features=neck"]) == 0
+    weights, meta = read_task_weights(tmp_path / "w")
+    assert "+backbone.dense_features=neck" in meta["overrides"]
+    cfg = compose_config([f"experiment={meta['experiment']}", *meta["overrides"], f"data.root={ade_dir}",
+                          "data.num_workers=0"], tmp_path)
+    datamodule, task = build_task(cfg)
+    load_task_weights(task, tmp_path / "w", cfg.backbone.name, cfg.head._target_, datamodule)
+    assert torch.equal(task.backbone.model.feature_norms[3].bias, state["backbone.outnorm3.bias"])
+    assert torch.equal(task.backbone.model.neck.final_layer.conv.weight, state["backbone.neck.final_layer.conv.weight"])
+    with torch.no_grad():
+        task.eval()
+        logits = task.predict_logits(torch.randn(1, 3, 64, 96))
+    assert logits.shape == (1, 150, 64, 96) and torch.isfinite(logits).all()
+
+
 def test_upernet_file_converts_and_run_py_evaluates_it(ade_dir, tmp_path, capsys):
     state = upernet_file()
     checkpoint = rf.mmengine_checkpoint(state, [f"class{i}" for i in range(150)], [[i, i, i] for i in range(150)])
