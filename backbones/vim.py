@@ -33,6 +33,7 @@ stride-16 checkpoint into a stride-8 model.
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -123,8 +124,10 @@ def _pyramid_level(dim: int, scale: float) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
-    """A (1, M + 1, D) position embedding with the class token at index M // 2, for another patch grid.
+def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int],
+                       class_token: bool = True) -> Tensor:
+    """A (1, M + 1, D) position embedding with the class token at index M // 2 (or, without ``class_token``,
+    a (1, M, D) one), for another patch grid.
 
     The class row is taken out, the M patch rows are resized bicubically as a grid, and the class row is
     put back at the new grid's middle index.
@@ -132,6 +135,10 @@ def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Seq
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid == new_grid:
         return pos_embed
+    if not class_token:
+        patches = pos_embed.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False)
+        return patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
     old_middle = old_grid[0] * old_grid[1] // 2
     cls_row = pos_embed[:, old_middle: old_middle + 1]
     patches = torch.cat((pos_embed[:, :old_middle], pos_embed[:, old_middle + 1:]), dim=1)
@@ -178,27 +185,38 @@ class VisionMamba(nn.Module):
             the last block's output gets ``rate``, as the official model does.
         global_pool: "token" (the middle class token, as released), "avg" (mean of the patch tokens) or
             "" (all tokens).
-        feature_taps: blocks whose residual stream ``forward_intermediates`` returns (default: the last
-            block of each quarter, i.e. 5/11/17/23 for 24 blocks).
+        feature_taps: blocks whose output ``forward_intermediates`` returns (default: the last block of each
+            quarter, i.e. 5/11/17/23 for 24 blocks).
         feature_pyramid: add the stride-4/8/16/32 pyramid over the taps (set for ``features_only``).
         scan_backend: selective-scan backend.
+        class_token: the middle class token (released classifiers); without it, as the official Vim-Ti
+            segmentation backbone (``VisionMambaSeg``, ``if_cls_token=False``), there is no class token and the
+            position embedding has one row per patch (``global_pool`` must then not be "token").
+        feature_stream: what a tap returns: "residual", the residual stream after the block (the official Vim-S
+            UperNet's ``use_residual_as_feature=True``), or "hidden", the block's mixer output alone (the
+            official Vim-Ti UperNet).
     """
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, stride: int = 16,
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  d_state: int = 16, expand: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
-                 global_pool: str = "token",
+                 global_pool: Optional[str] = None,
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
-                 scan_backend: str = "auto") -> None:
+                 scan_backend: str = "auto", class_token: bool = True, feature_stream: str = "residual") -> None:
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        global_pool = ("token" if class_token else "avg") if global_pool is None else global_pool
+        if global_pool not in ("token", "avg", "") or global_pool == "token" and not class_token:
+            raise ValueError(f"Vim: global_pool must be 'token' (with a class token), 'avg' or '', got "
+                             f"{global_pool!r}")
+        if feature_stream not in ("residual", "hidden"):
+            raise ValueError(f"Vim: feature_stream must be 'residual' or 'hidden', got {feature_stream!r}")
+        self.class_token, self.feature_stream = class_token, feature_stream
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
         self.grid = self.patch_embed.grid(*to_2tuple(img_size))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + class_token, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth - 1)]
         self.layers = nn.ModuleList(VimBlock(embed_dim, rates[i], d_state=d_state, expand=expand,
@@ -223,7 +241,8 @@ class VisionMamba(nn.Module):
         """The official init: trunc-normal tokens and head, LeCun-normal patch conv, zero linear biases
         (the dt biases keep Mamba's init), and Mamba's rescaled out_proj (kaiming-uniform / sqrt(depth))."""
         trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
         lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         if isinstance(self.head, nn.Linear):
@@ -253,18 +272,20 @@ class VisionMamba(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            if global_pool not in ("token", "avg", "") or global_pool == "token" and not self.class_token:
+                raise ValueError(f"Vim: global_pool must be 'token' (with a class token), 'avg' or '', got "
+                                 f"{global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """Patch tokens with the class token at the middle index and the position embedding added."""
+        """Patch tokens with the class token (if any) at the middle index and the position embedding added."""
         grid = self.patch_embed.grid(*x.shape[-2:])
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        middle = x.shape[1] // 2
-        x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
-        return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid)), grid
+        if self.cls_token is not None:
+            middle = x.shape[1] // 2
+            x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
+        return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid, self.class_token)), grid
 
     def _run_block(self, block: VimBlock, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -289,9 +310,10 @@ class VisionMamba(nn.Module):
         for index, block in enumerate(self.layers[: last_block + 1]):
             hidden, residual = self._run_block(block, hidden, residual)
             if index in taps:
-                stream = residual + hidden
-                middle = stream.shape[1] // 2
-                tokens = torch.cat((stream[:, :middle], stream[:, middle + 1:]), dim=1)
+                tokens = residual + hidden if self.feature_stream == "residual" else hidden
+                if self.cls_token is not None:
+                    middle = tokens.shape[1] // 2
+                    tokens = torch.cat((tokens[:, :middle], tokens[:, middle + 1:]), dim=1)
                 feature = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
                 if self.feature_pyramid is not None:
                     feature = self.feature_pyramid[taps[index]](feature)
@@ -323,8 +345,10 @@ class VisionMamba(nn.Module):
         middle = (x.shape[1] - 1) // 2
         if self.global_pool == "token":
             x = x[:, middle]
-        elif self.global_pool == "avg":
+        elif self.global_pool == "avg" and self.cls_token is not None:
             x = torch.cat((x[:, :middle], x[:, middle + 1:]), dim=1).mean(dim=1)
+        elif self.global_pool == "avg":
+            x = x.mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -352,14 +376,20 @@ def _backward_name(name: str) -> str:
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tensor]:
-    """Convert a released Vim checkpoint (``{'model': ..., 'args': Namespace}``) to this module's keys.
+    """Convert a released Vim checkpoint (``{'model': ..., 'args': Namespace}``) or the backbone of the official
+    UperNet (``VisionMambaSeg``, mmseg 0.x) to this module's keys.
 
     Top-level names (``patch_embed``, ``cls_token``, ``pos_embed``, ``layers.i.{norm,mixer.in_proj,
     mixer.out_proj}``, ``norm_f``, ``head``) are kept; each block's forward/backward tensors
     (``x_proj``/``x_proj_b``, ``dt_proj``/``dt_proj_b``, ``A_log``/``A_b_log``, ``D``/``D_b``,
-    ``conv1d``/``conv1d_b``) are stacked into the two routes. The position embedding is resampled when
-    the model's grid differs (a stride-16 checkpoint into a stride-8 model). A model with a feature
-    pyramid keeps its own (initial) pyramid weights. A state dict already in our layout passes through.
+    ``conv1d``/``conv1d_b``) are stacked into the two routes; the segmentation backbone's ``fpn1``-``fpn4`` are
+    our ``feature_pyramid.0``-``3``. The position embedding is resampled when the model's grid differs (a
+    stride-16 checkpoint into a stride-8 model), and its class row is taken out for a model without a class
+    token. A model with a feature pyramid keeps its own (initial) pyramid weights where the file has none; a
+    feature extractor (no final norm) drops ``norm_f``. The rotary-embedding buffers some files carry
+    (``rope.*``, fixed functions of the grid, saved whether or not the model used them) are dropped: a model
+    trained with ``if_rope=True`` (the official Vim-S UperNet) is not what this module computes. A state dict
+    already in our layout passes through.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(".mixer.ssm." in key for key in state_dict):
@@ -371,14 +401,25 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tens
         if name in _STACKED:
             target, join = _STACKED[name]
             out[f"{prefix}.mixer.{target}"] = join((value, state_dict[f"{prefix}.mixer.{_backward_name(name)}"]))
-        elif name not in backward_names:
-            out[key] = value
+        elif name not in backward_names and not key.startswith("rope."):
+            out[re.sub(r"^fpn(\d)\.", lambda m: f"feature_pyramid.{int(m[1]) - 1}.", key)] = value
+    if not isinstance(getattr(model, "norm_f", None), nn.RMSNorm):  # a feature extractor has no final norm
+        out.pop("norm_f.weight", None)
     if "pos_embed" in out:
-        stored = out["pos_embed"].shape[1] - 1
+        has_class = "cls_token" in out
+        if model.cls_token is not None and not has_class:
+            raise ValueError("Vim checkpoint: the file has no class token (a segmentation backbone); build the "
+                             "model with class_token=False")
+        stored = out["pos_embed"].shape[1] - has_class
         side = math.isqrt(stored)
         if side * side != stored:
             raise ValueError(f"Vim checkpoint: pos_embed has {stored} patch rows, not a square grid")
-        out["pos_embed"] = resample_pos_embed(out["pos_embed"], (side, side), model.grid)
+        pos_embed = resample_pos_embed(out["pos_embed"], (side, side), model.grid, has_class)
+        if has_class and model.cls_token is None:
+            middle = model.grid[0] * model.grid[1] // 2
+            pos_embed = torch.cat((pos_embed[:, :middle], pos_embed[:, middle + 1:]), dim=1)
+            del out["cls_token"]
+        out["pos_embed"] = pos_embed
     return with_own_weights(out, model, "feature_pyramid.")
 
 

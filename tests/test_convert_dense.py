@@ -177,6 +177,81 @@ def test_hrvmamba_upernet_file_converts_with_the_neck_features(ade_dir, tmp_path
     assert logits.shape == (1, 150, 64, 96) and torch.isfinite(logits).all()
 
 
+def _vim_seg_backbone(dim: int, depth: int, d_state: int, grid: int) -> rf.Shapes:
+    """The official Vim-Ti segmentation backbone (``VisionMambaSeg``, mmseg 0.x, ``if_cls_token=False``): the
+    classifier's blocks without head or class token, one position row per patch, and the ``fpn1``-``fpn4``
+    pyramid (two transposed convs with SyncBN + GELU between them, one transposed conv, identity, max-pool)."""
+    d_inner, rank = 2 * dim, -(-dim // 16)
+    shapes = {"pos_embed": (1, grid * grid, dim), "patch_embed.proj.weight": (dim, 3, 16, 16),
+              "patch_embed.proj.bias": (dim,), "norm_f.weight": (dim,)}
+    for i in range(depth):
+        p = f"layers.{i}."
+        shapes.update({p + "norm.weight": (dim,), p + "mixer.in_proj.weight": (2 * d_inner, dim),
+                       p + "mixer.out_proj.weight": (dim, d_inner)})
+        for suffix in ("", "_b"):
+            shapes.update({p + f"mixer.conv1d{suffix}.weight": (d_inner, 1, 4), p + f"mixer.conv1d{suffix}.bias":
+                           (d_inner,), p + f"mixer.x_proj{suffix}.weight": (rank + 2 * d_state, d_inner),
+                           p + f"mixer.dt_proj{suffix}.weight": (d_inner, rank),
+                           p + f"mixer.dt_proj{suffix}.bias": (d_inner,)})
+        shapes.update({p + "mixer.A_log": (d_inner, d_state), p + "mixer.A_b_log": (d_inner, d_state),
+                       p + "mixer.D": (d_inner,), p + "mixer.D_b": (d_inner,)})
+    for name in ("fpn1.0", "fpn1.3", "fpn2.0"):
+        shapes.update({f"{name}.weight": (dim, dim, 2, 2), f"{name}.bias": (dim,)})
+    shapes.update({f"fpn1.1.{k}": (dim,) for k in ("weight", "bias", "running_mean", "running_var")})
+    shapes["fpn1.1.num_batches_tracked"] = ()
+    return {f"backbone.{k}": v for k, v in shapes.items()}
+
+
+# The official Vim-Ti UperNet (hustvl/Vim seg/configs/vim/upernet/upernet_vim_tiny_24_512_slide_60k.py) as run.py
+# builds it: no class token, 512-pixel grid, taps of the mixer output; the head width (192) follows from the file.
+VIM_SEG = ["+backbone.class_token=false", "+backbone.img_size=512", "+backbone.feature_stream=hidden"]
+
+
+@pytest.mark.parametrize("img_size", [512, 1024])
+def test_vim_official_upernet_layout_fits_and_has_the_logged_size(img_size):
+    """Full size on the meta device. The official benchmark log (seg/tools/analysis_tools/vim-t-upernet.txt) counts
+    12,901,100 parameters for the model built at 1024 pixels (a 64 x 64 position grid): ours has exactly that,
+    but for ``norm_f`` (192), which the segmentation model never uses."""
+    grid = img_size // 16
+    shapes = {**_vim_seg_backbone(192, 24, 16, grid), **rf.mmseg_upernet([192] * 4, 150, channels=192)}
+    weights = rf.materialise(shapes, meta=True)
+    overrides = [*VIM_SEG[:1], f"+backbone.img_size={img_size}", *VIM_SEG[2:]]
+    plan = plan_dense({}, weights, "vim_tiny_patch16_224", overrides=overrides)
+    assert (plan.experiment, plan.overrides) == ("ade20k_upernet_vim_tiny_patch16_224",
+                                                 [*overrides, "head.channels=192"])
+    backbone, head, _, _ = fit_dense(plan, weights, meta=True)
+    if img_size == 1024:
+        assert sum(p.numel() for module in (backbone, head) for p in module.parameters()) + 192 == 12_901_100
+
+
+def test_vim_upernet_file_in_mmseg_0x_layout_converts_and_taps_the_mixer_output(ade_dir, tmp_path):
+    from run import build_task
+
+    state = rf.materialise({**_vim_seg_backbone(16, 4, 4, 4), **rf.mmseg_upernet([16] * 4, 150, channels=32,
+                                                                                  aux_channels=16)})
+    state["backbone.rope.freqs_cos"] = torch.ones(16, 8)  # saved by some versions whether or not rope is used
+    path = rf.save(rf.mmcv_checkpoint(state, [f"c{i}" for i in range(150)], [[0, 0, 0]] * 150), tmp_path / "v.pth")
+    overrides = [f"--override={o}" for o in ("+backbone.class_token=false", "+backbone.img_size=64",
+                                             "+backbone.feature_stream=hidden")]
+    assert main([str(path), "test_vim", "--out", str(tmp_path / "w"), *overrides]) == 0
+    weights, meta = read_task_weights(tmp_path / "w")
+    assert meta["source"]["layout"] == "mmseg 0.x" and meta["classes"][:1] == ["c0"]
+    assert torch.equal(weights["backbone.model.feature_pyramid.0.3.weight"], state["backbone.fpn1.3.weight"])
+    assert torch.equal(weights["backbone.model.pos_embed"], state["backbone.pos_embed"])
+    cfg = compose_config([f"experiment={meta['experiment']}", *meta["overrides"], f"data.root={ade_dir}",
+                          "data.num_workers=0"], tmp_path)
+    datamodule, task = build_task(cfg)
+    load_task_weights(task, tmp_path / "w", cfg.backbone.name, cfg.head._target_, datamodule)
+    model = task.backbone.model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the stride-16 level is the last tap's mixer output itself (fpn3 is the identity)
+        hidden, residual = model._tokens(x)[0], None
+        for block in model.layers:
+            hidden, residual = block(hidden, residual)
+        expected = hidden.transpose(1, 2).reshape(1, 16, 4, 4)
+        torch.testing.assert_close(task.backbone(x)[2], expected)
+
+
 def test_upernet_file_converts_and_run_py_evaluates_it(ade_dir, tmp_path, capsys):
     state = upernet_file()
     checkpoint = rf.mmengine_checkpoint(state, [f"class{i}" for i in range(150)], [[i, i, i] for i in range(150)])
