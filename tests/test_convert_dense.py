@@ -384,3 +384,19 @@ def test_run_py_refuses_weights_made_for_another_model(ade_dir, tmp_path):
             load_task_weights(task, tmp_path / "w19", cfg.backbone.name, cfg.head._target_, datamodule)
     with pytest.raises(FileNotFoundError, match="weights=.*nope: no such file"):
         read_task_weights(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("experiment,norms", [("ade20k_upernet_vmamba_tiny_s1l8", True),
+                                              ("coco_maskrcnn_1x_msvmamba_tiny", True),
+                                              ("synapse_msvmunet_vmamba_tiny", False),
+                                              ("acdc_msvmunet_vmamba_tiny", False), ("synapse_vmunet", False),
+                                              ("isic18_vmunet", False)])
+def test_per_level_norms_only_where_the_official_dense_models_have_them(experiment, norms, tmp_path):
+    """UperNet / Mask R-CNN backbones normalise each level (Backbone_VSSM's outnorm); the U-Net encoders of
+    VM-UNet and MSVM-UNet pass their stages' outputs on as they are."""
+    import hydra
+
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    with torch.device("meta"):
+        backbone = hydra.utils.instantiate(cfg.backbone, in_chans=3, features_only=True)
+    assert (backbone.model.feature_norms is not None) == norms
