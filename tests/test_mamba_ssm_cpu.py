@@ -13,10 +13,7 @@ import copy
 import functools
 import importlib
 import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -27,9 +24,9 @@ from backbones import ssm
 from tests import selective_scan_cuda_cpu as extension
 from tests.test_scan_fast import NAMES, check_against_oracle, oracle_with_grads, relative_error
 from tests.test_ssm import make_inputs
+from tools import gpu_check
 
 INTERFACE = "mamba_ssm.ops.selective_scan_interface"
-ROOT = Path(__file__).resolve().parents[1]
 TEST_MODELS = sorted(name for name in backbones.list_backbones() if name.startswith("test_"))
 
 
@@ -161,61 +158,55 @@ def test_custom_op_passes_opcheck_with_the_real_function(kernel):
     torch.library.opcheck(ssm.selective_scan_cuda_op, tuple(leaves[k] for k in NAMES) + (True,))
 
 
-def _logits_and_grads(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    logits = model(images)
-    logits.square().mean().backward()
-    return logits.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("name", TEST_MODELS)
-def test_every_family_trains_through_it_as_through_the_torch_scan(kernel, name):
-    """Logits and every parameter gradient against the float64 model (torch scan): mamba-ssm's path in
-    float32 may differ from it only as much as our float32 torch path does, within a small factor."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()  # eval: no drop-path randomness
-    images = torch.randn(2, 3, 32, 32)
-    exact_logits, exact_grads = _logits_and_grads(copy.deepcopy(model).double(), images.double())
-    torch_logits, torch_grads = _logits_and_grads(copy.deepcopy(model), images)
-    seen = []
-    with ssm.use_backend("mamba_ssm"), ssm.observe(seen.append):
-        logits, grads = _logits_and_grads(model, images)
-    assert seen and {call.backend for call in seen} == {"mamba_ssm"}
-    assert len(extension.calls) == 3 * len(seen)  # forward, and forward again + backward for the gradients
-    assert grads.keys() == exact_grads.keys()
-
-    def error(got: torch.Tensor, expected: torch.Tensor) -> float:
-        return relative_error(got, expected)
-
-    # float32 rounding through a few blocks: ~1e-6 relative; a plumbing error (wrong order, group or
-    # gradient) is O(1). The bound allows 10x our own float32 error, and at least 1e-5.
-    assert error(logits, exact_logits) <= max(1e-5, 10 * error(torch_logits, exact_logits))
-    for key, expected in exact_grads.items():
-        bound = max(1e-5, 10 * error(torch_grads[key], expected))
-        assert error(grads[key], expected) <= bound, (key, error(grads[key], expected), bound)
+def test_every_family_matches_the_float64_model_through_it(kernel, name):
+    """tools.gpu_check's family check, on CPU: logits and every parameter gradient through mamba-ssm's path
+    in float32 are as close to the float64 model as our float32 torch path (within 10x, or below 1e-5),
+    with the scans made to carry the output (a swapped B/C then shows as 1e-4 to 1e-1)."""
+    result = gpu_check.check_model(name, torch.device("cpu"))
+    assert result["passed"], result
+    assert result["backends_seen"] == {"float64": ["torch"], "torch": ["torch"], "mamba_ssm": ["mamba_ssm"]}
+    kinds = [kind for kind, _ in extension.calls]
+    assert kinds.count("fwd") == 2 * kinds.count("bwd") > 0  # per scan: forward, then forward again and backward
 
 
 def test_compiled_model_runs_the_op_forward_and_backward(kernel):
     torch.manual_seed(0)
     model = timm.create_model("test_vmamba", num_classes=10, scan_backend="mamba_ssm").eval()
+    gpu_check.make_scans_matter(model)
     images = torch.randn(2, 3, 32, 32)
-    eager_logits, eager_grads = _logits_and_grads(copy.deepcopy(model), images)
+    eager_logits, eager_grads, _ = gpu_check.logits_and_grads(copy.deepcopy(model), images, "auto")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    logits, _ = _logits_and_grads(compiled, images)
+    logits, _, _ = gpu_check.logits_and_grads(compiled, images, "auto")
+    assert extension.calls  # the compiled graph ran the kernel
     torch.testing.assert_close(logits, eager_logits)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], msg=name)
 
 
-def test_python_only_install_says_how_to_get_the_kernel():
-    """Without the stand-in, mamba-ssm as ``make`` installs it cannot import its extension; the reason says why."""
-    if importlib.util.find_spec("mamba_ssm") is None:
-        pytest.skip("mamba-ssm's Python package is not installed")
-    code = ("from backbones import ssm\n"
-            "with ssm.mamba_ssm_on_cpu_for_tests():\n"
-            "    print(ssm.mamba_ssm_status()[1])")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    if "available" not in result.stdout:  # a CUDA machine with the real kernel has nothing to explain
-        assert "installed without its compiled CUDA extension" in result.stdout
-        assert "pip install --force-reinstall" in result.stdout
+def test_python_only_install_says_how_to_get_the_kernel(mamba_ssm_imported, monkeypatch):
+    """mamba-ssm as ``make`` installs it, without the stand-in, cannot import its extension; the reason says why."""
+    for name in [n for n in sys.modules if n.partition(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
+        monkeypatch.delitem(sys.modules, name)  # a fresh import, restored afterwards
+    before = set(sys.modules)
+    try:
+        with ssm.mamba_ssm_on_cpu_for_tests():
+            kernel, reason = ssm.mamba_ssm_status()
+    finally:
+        for name in set(sys.modules) - before:
+            if name.partition(".")[0] == "mamba_ssm":
+                del sys.modules[name]
+    if importlib.util.find_spec("selective_scan_cuda") is None:  # else: a CUDA machine with the real extension
+        assert kernel is None and "installed without its compiled CUDA extension" in reason
+        assert "pip install --force-reinstall --no-deps --no-build-isolation mamba-ssm==2.3.1" in reason
+
+
+@pytest.mark.parametrize("name", ["test_vmamba", "test_hrvmamba"])  # HRVMamba's logits depend least on a scan
+def test_gpu_check_catches_a_swapped_argument(kernel, monkeypatch, name):
+    """tools.gpu_check's checks pass the stand-in (above) and fail it once it swaps B and C in the forward."""
+    case = gpu_check.ScanCase(2, 8, 40, 4, 2, with_z=True, with_D_and_bias=True)
+    assert gpu_check.check_scan(case, torch.device("cpu"))["passed"]
+    real_fwd = extension.fwd
+    monkeypatch.setattr(extension, "fwd", lambda u, delta, A, B, C, *rest: real_fwd(u, delta, A, C, B, *rest))
+    assert not gpu_check.check_scan(case, torch.device("cpu"))["passed"]
+    assert not gpu_check.check_model(name, torch.device("cpu"))["passed"]

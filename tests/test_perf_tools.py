@@ -9,8 +9,9 @@ import pytest
 import timm
 import torch
 
+import backbones
 from backbones import ssm
-from tools import benchmark, doctor
+from tools import benchmark, doctor, gpu_check
 
 
 def test_doctor_reports_every_backend_and_why_not(capsys):
@@ -105,3 +106,22 @@ def test_profile_times_the_scan_inside_the_model(tmp_path, capsys):
     forward = result["forward"]
     assert 0 < forward["scan_share_timed_inside"] < 1 and forward["img_s_without_scan"] > 0
     assert "Name" in result["top_ops"]
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--skip-throughput"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_arguments(tmp_path):
+    args = gpu_check.parse_args(["--families", "vmamba, vim", "--batch", "64"])
+    assert args.families == ["vmamba", "vim"] and args.batch == 64 and args.warmup == 50 and args.iters == 30
+    assert gpu_check.parse_args([]).families == gpu_check.family_names()
+    for bad in (["--families", "vmamba,mamba2"], ["--out", str(tmp_path)]):  # unknown family; an existing --out
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+    # every family has a real variant, and it is a registered classifier
+    assert sorted(gpu_check.REAL_VARIANTS) == gpu_check.family_names()
+    assert set(gpu_check.REAL_VARIANTS.values()) <= set(backbones.list_backbones())
