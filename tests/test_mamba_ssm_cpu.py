@@ -90,6 +90,17 @@ def test_matches_the_oracle_forward_and_every_gradient(kernel, d_state, groups, 
         assert (gradient["out"] is None) is (not optional)  # the pre-gate output, needed for dz
 
 
+@pytest.mark.parametrize("groups", [None, 2])
+def test_stand_in_agrees_with_mamba_ssms_own_reference(kernel, groups):
+    """mamba-ssm's ``selective_scan_fn`` (its Function over the stand-in) against its ``selective_scan_ref``:
+    the stand-in reads grouped B/C, D, z and the bias the way mamba-ssm defines them."""
+    interface = sys.modules[INTERFACE]
+    inputs = make_inputs(length=21, d_state=4, groups=groups)
+    got = interface.selective_scan_fn(**inputs, delta_softplus=True)
+    expected = interface.selective_scan_ref(**inputs, delta_softplus=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_long_sequences_hand_chunk_states_to_backward(kernel):
     length = extension.CHUNK_LEN + 52  # two chunks: the second starts from the first's saved state
     inputs = make_inputs(batch=1, channels=2, length=length, d_state=3, groups=2, dt_scale=0.05)
