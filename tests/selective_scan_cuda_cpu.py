@@ -16,10 +16,10 @@ from the recurrence (not from the CUDA kernel), with the extension's contract as
     with z; backward starts each chunk from the state saved in ``x``.
 
 Every argument check of the extension is enforced (dtypes, shapes, last-dim strides, ``x`` present
-and contiguous), except that CPU tensors are accepted; so are two things the kernel would not
-reject but silently misread: channels not divisible by the B/C groups, and ``x`` of another call's
-shape. Computation is float32 (as the kernel's), sequential over time. ``calls`` records what each
-call received, for tests that check what was passed.
+and contiguous), except that CPU tensors are accepted, plus one the kernel lacks (it would silently
+misread channels not divisible by the B/C groups). Constant (2-D) B/C and complex A, which mambalab
+never passes, are refused. Computation is float32 (as the kernel's), sequential over time. ``calls``
+records what each call received, for tests that check what was passed.
 """
 
 from __future__ import annotations

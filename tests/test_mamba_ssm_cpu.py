@@ -13,6 +13,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -216,8 +217,11 @@ def test_python_only_install_says_how_to_get_the_kernel(mamba_ssm_imported, monk
 def test_gpu_check_catches_a_swapped_argument(kernel, monkeypatch, name):
     """tools.gpu_check's checks pass the stand-in (above) and fail it once it swaps B and C in the forward."""
     case = gpu_check.ScanCase(2, 8, 40, 4, 2, with_z=True, with_D_and_bias=True)
-    assert gpu_check.check_scan(case, torch.device("cpu"))["passed"]
+    row = gpu_check.check_scan(case, torch.device("cpu"))
+    assert row["passed"] and gpu_check.describe_scan(row).startswith("  ok   2x8x40 N=4 groups=2")
+    json.dumps(row)  # what --out writes
     real_fwd = extension.fwd
     monkeypatch.setattr(extension, "fwd", lambda u, delta, A, B, C, *rest: real_fwd(u, delta, A, C, B, *rest))
     assert not gpu_check.check_scan(case, torch.device("cpu"))["passed"]
-    assert not gpu_check.check_model(name, torch.device("cpu"))["passed"]
+    row = gpu_check.check_model(name, torch.device("cpu"))
+    assert not row["passed"] and gpu_check.describe_model(row).startswith(f"  FAIL {name}: logits")
