@@ -37,7 +37,7 @@ from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import build_backbone, imagenet_cfg
 from .dcnv4 import DCNv4
 from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
 from .ss2d import SS2D, resolve_dt_rank
@@ -426,7 +426,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:
     default_indices = (0, 1, 2, 3) if kwargs.get("multiscale_output", True) else (0,)
     kwargs.setdefault("out_indices", default_indices)
-    return create_hierarchical(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_backbone(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
