@@ -48,8 +48,11 @@ class MambaBackbone(nn.Module):
             raise ValueError(f"{type(self).__name__}: global_pool must be {choices}, got {global_pool!r}")
         return global_pool
 
+    def _linear_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
     def _reset_heads(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._linear_head(num_classes)
 
     @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, ...]]:

@@ -208,8 +208,7 @@ class GroupMamba(MambaBackbone):
 
     def _reset_heads(self, num_classes: int) -> None:
         super()._reset_heads(num_classes)
-        self.head_dist = (nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-                          ) if self.distilled else None
+        self.head_dist = self._linear_head(num_classes) if self.distilled else None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

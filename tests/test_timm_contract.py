@@ -9,7 +9,10 @@ these tests fail until its official counts and its test variant's feature widths
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import sys
 
 import pytest
 import timm
@@ -99,6 +102,24 @@ def _as_tensor(out) -> torch.Tensor:
 
 def test_every_family_has_a_small_test_variant():
     assert {backbones.family_of(name).__name__ for name in SMALL if name.startswith("test_")} == FAMILIES
+
+
+def test_family_files_import_parts_never_each_other():
+    families = {name.rsplit(".", 1)[-1] for name in FAMILIES}
+    for family in FAMILIES:
+        tree = ast.parse(inspect.getsource(sys.modules[family]))
+        imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & families, f"{family} imports {imported & families}"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_unknown_global_pool_is_refused_at_build_and_reset(name):
+    with pytest.raises(ValueError, match="global_pool must be .*'avg'.*got 'max'"):
+        build(name, meta=True, global_pool="max")
+    model = build(name, meta=True)
+    with pytest.raises(ValueError, match="global_pool must be"):
+        model.reset_classifier(3, "max")
 
 
 def test_unknown_backbone_lists_choices():
