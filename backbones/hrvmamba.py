@@ -26,20 +26,19 @@ Key layout: the official names are kept except inside the DVSS blocks; ``OFFICIA
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .dcnv4 import DCNv4
-from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
+from .layers import LayerNorm2d, init_linear_trunc_normal
 from .ss2d import SS2D, resolve_dt_rank
 
 __all__ = ["DVSSBlock", "HRVMamba", "HRVMambaModule", "MultiScaleDWConv", "OFFICIAL_KEY_RULES",
@@ -217,7 +216,7 @@ class ClassificationNeck(nn.Module):
         return self.final_layer(y)
 
 
-class HRVMamba(nn.Module):
+class HRVMamba(MambaBackbone):
     """HRVMamba classifier / multi-resolution backbone (timm model API).
 
     Args:
@@ -242,6 +241,8 @@ class HRVMamba(nn.Module):
         scan_backend: selective-scan backend.
     """
 
+    final_norm = None  # the branches are not normalised at the end
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, widths: Sequence[int] = (80, 160, 320, 640),
                  stage1_planes: int = 64, num_modules: Sequence[int] = (1, 4, 2), depth: int = 2,
                  stem_width: int = 64, d_state: int = 1, ssm_ratio: float = 2.0, mlp_ratio: float = 2.0,
@@ -253,9 +254,6 @@ class HRVMamba(nn.Module):
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
         self.widths, self.multiscale_output = tuple(widths), multiscale_output
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
@@ -285,9 +283,7 @@ class HRVMamba(nn.Module):
         self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"stage{self.num_stages + 1}")
                              for i, w in enumerate(outputs)]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
-        self.num_features = self.head_hidden_size = num_features if multiscale_output else widths[0]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(num_features if multiscale_output else widths[0], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -297,35 +293,12 @@ class HRVMamba(nn.Module):
         init_linear_trunc_normal(module)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return flagged_no_weight_decay(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         # Ordinals (stage, module): stage 1 is layer1; transition k sits between stages k and k + 1.
         return dict(stem=r"^conv[12]|^bn[12]", blocks=[
             (r"^layer(1)" if coarse else r"^layer(1)\.(\d+)", None),
             (r"^stage(\d+)" if coarse else r"^stage(\d+)\.(\d+)", None),
             (r"^transition(\d+)", (99,)), (r"^neck", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for module in self.modules():
-            if isinstance(module, HRVMambaModule):
-                module.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_branches(self, x: Tensor) -> List[Tensor]:
         """Stem, stage 1 and the multi-resolution stages; the final branch maps, finest first."""
@@ -337,42 +310,24 @@ class HRVMamba(nn.Module):
             xs = getattr(self, f"stage{s + 2}")(xs)
         return xs
 
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """The branch maps in ``indices`` (all by default), NCHW, finest first (there is no final norm)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[List[Tensor], List[Tensor]]:
+        """Every branch is computed even with ``stop_early``: the exchange units need them all."""
         xs = self.forward_branches(x)
-        intermediates = [xs[i].permute(0, 2, 3, 1) if output_fmt == "NHWC" else xs[i] for i in take_indices]
-        if intermediates_only:
-            return intermediates
-        return (self.neck(xs) if self.neck is not None else xs[0]), intermediates
+        return xs, [xs[i] for i in indices]
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop the classification neck and head (all branches are needed for the exchange units)."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
-            self.neck = None
-            self.num_features = self.head_hidden_size = self.widths[0]
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _finish_features(self, state: List[Tensor]) -> Tensor:
         """The classification neck's stride-32 map, or the stride-4 branch without a neck; NCHW."""
-        xs = self.forward_branches(x)
-        return self.neck(xs) if self.neck is not None else xs[0]
+        return self.neck(state) if self.neck is not None else state[0]
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+    def _drop_levels_after(self, index: int) -> bool:
+        """Nothing goes: every branch feeds the exchange units."""
+        return False
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _prune_head(self) -> None:
+        """The classification neck goes with the head (all branches are needed for the exchange units)."""
+        self.neck = None
+        self.num_features = self.head_hidden_size = self.widths[0]
+        super()._prune_head()
 
 
 # Official key -> ours, applied in order with ``re.sub``. Only the DVSS blocks differ: official
@@ -426,7 +381,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:
     default_indices = (0, 1, 2, 3) if kwargs.get("multiscale_output", True) else (0,)
     kwargs.setdefault("out_indices", default_indices)
-    return create_hierarchical(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_backbone(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

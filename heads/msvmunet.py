@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from backbones.vmamba import VSSBlock
+from backbones.layers import VSSBlock
 
 from .vmunet import pixel_expand
 

@@ -25,8 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from backbones.layers import init_linear_trunc_normal
-from backbones.vmamba import VSSBlock
+from backbones.layers import VSSBlock, init_linear_trunc_normal
 
 __all__ = ["PatchExpand", "VMUNetDecoder", "pixel_expand"]
 
