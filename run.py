@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from heads.interface import HeadInputs, head_inputs
+
 log = logging.getLogger("mambalab")
 
 MODES = ("train", "eval")
@@ -68,28 +70,38 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], dict]]:
     """What the backbone is built to return for this head, and what the head is told about it.
 
-    A head class declares ``consumes = "pooled"`` (one pooled vector per image, e.g. a classifier)
-    or ``consumes = "features"`` (multi-scale NCHW maps, e.g. dense heads).
+    A head class declares ``inputs`` (``heads.interface.HeadInputs``): ``POOLED`` (one pooled vector per
+    image, e.g. a classifier) or ``FEATURES`` (multi-scale NCHW maps, e.g. dense heads).
     """
-    consumes = getattr(hydra.utils.get_class(head_target), "consumes", "pooled")
-    if consumes == "pooled":
+    if head_inputs(hydra.utils.get_class(head_target)) is HeadInputs.POOLED:
         return dict(num_classes=0), lambda backbone: dict(in_features=backbone.num_features)
-    if consumes == "features":
-        return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
-                                                                strides=backbone.feature_info.reduction())
-    raise ValueError(f"{head_target}.consumes must be 'pooled' or 'features', got {consumes!r}")
+    return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
+                                                            strides=backbone.feature_info.reduction())
+
+
+def data_inputs(task_target: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """The facts about the data a task class lists in ``data_inputs``, read from the data module's attributes."""
+    names = hydra.utils.get_class(task_target).data_inputs
+    missing = [name for name in names if not hasattr(datamodule, name)]
+    if missing:
+        raise AttributeError(f"{task_target} needs {missing} from its data module, which "
+                             f"{type(datamodule).__name__} does not provide")
+    return {name: getattr(datamodule, name) for name in names}
 
 
 def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data first (it knows channels and classes), then backbone, head and the task around them."""
+    """Data first (it knows channels, classes and the other facts the task is told), then backbone, head and
+    the task around them. The optimiser's weight decay goes to the task, which applies it per parameter group."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    backbone_kwargs, head_inputs = backbone_interface(cfg.head._target_)
+    backbone_kwargs, head_kwargs_for = backbone_interface(cfg.head._target_)
     backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, **backbone_kwargs)
-    head = hydra.utils.instantiate(cfg.head, **head_inputs(backbone), num_classes=datamodule.num_classes)
-    task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head,
-                                   optimizer=hydra.utils.instantiate(cfg.optimizer),
-                                   scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                                   num_classes=datamodule.num_classes)
+    head = hydra.utils.instantiate(cfg.head, **head_kwargs_for(backbone), num_classes=datamodule.num_classes)
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    weight_decay = optimizer.pop("weight_decay", 0.0)
+    make_task = hydra.utils.instantiate(cfg.task, _partial_=True)
+    task = make_task(backbone=backbone, head=head, optimizer=hydra.utils.instantiate(optimizer),
+                     scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                     weight_decay=weight_decay, **data_inputs(cfg.task._target_, datamodule))
     return datamodule, task
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_labels
 from .resumable import ResumableTrainData, seed_for
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -121,6 +122,7 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
 
     num_classes = 10
     in_chans = 1
+    batch_transform = None
     class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
     mean, std = 0.2860, 0.3530
@@ -149,13 +151,15 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
                 + f" in {self.data_dir}.")
         return files
 
-    @staticmethod
-    def _read(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+    @classmethod
+    def _read(cls, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+        """One split's images and labels; a label outside the 10 classes is refused here, before training."""
         images = torch.from_numpy(read_idx(images_path, IMAGES_MAGIC).copy())
-        labels = torch.from_numpy(read_idx(labels_path, LABELS_MAGIC).astype(np.int64))
+        labels = read_idx(labels_path, LABELS_MAGIC).astype(np.int64)
+        check_labels(labels, cls.num_classes, labels_path)
         if len(images) != len(labels):
             raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-        return images, labels
+        return images, torch.from_numpy(labels)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from backbones.layers import VSSBlock
 
+from .interface import HeadInputs
 from .vmunet import pixel_expand
 
 __all__ = ["LKPE", "MSVMUNetDecoder", "MultiScaleConv", "MultiScaleMlp", "MSVSSBlock"]
@@ -123,7 +124,7 @@ class MSVMUNetDecoder(nn.Module):
         block: ``(dim, drop_path=...) -> channels-last module``; VMamba v2 MSVSS blocks by default.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
                  depths: Sequence[int] = (2, 2, 2), drop_path_rate: float = 0.2,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .interface import HeadInputs
+
 
 class ConvModule(nn.Module):
     """Conv (no bias), norm, ReLU: mmcv's ``ConvModule`` with a norm layer, named ``conv`` and ``bn`` as there
@@ -155,7 +157,7 @@ class UperNet(nn.Module):
         align_corners: ``align_corners`` of every bilinear resize.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, strides: Optional[Sequence[int]] = None,
                  channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,

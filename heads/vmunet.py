@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from backbones.layers import VSSBlock, init_linear_trunc_normal
 
+from .interface import HeadInputs
+
 __all__ = ["PatchExpand", "VMUNetDecoder", "pixel_expand"]
 
 # VMamba v0 blocks, as the reference's encoder and decoder use.
@@ -85,7 +87,7 @@ class VMUNetDecoder(nn.Module):
             reference's ``load_from``); the task calls ``init_from_encoder`` with its backbone.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
                  depths: Sequence[int] = (2, 2, 2, 1), drop_path_rate: float = 0.2,

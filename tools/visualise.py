@@ -86,14 +86,15 @@ def load_images(folder: Optional[Path], count: int, size: int, in_chans: int, se
     """Up to ``count`` images from ``folder`` (any PIL-readable files, resized), else Gaussian noise."""
     if folder is None:
         return torch.randn(count, in_chans, size, size, generator=torch.Generator().manual_seed(seed))
-    from PIL import Image
     from timm.data import create_transform
+
+    from datamodules.readers import open_image
 
     transform = create_transform(size, is_training=False, crop_pct=1.0)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:count]
     if not paths:
         raise FileNotFoundError(f"no images (*.jpg, *.jpeg, *.png, *.bmp) under {folder}")
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    return torch.stack([transform(open_image(p, "RGB")) for p in paths])
 
 
 def build_model(name: str, weights: Optional[Path]) -> nn.Module:
