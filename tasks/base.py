@@ -1,14 +1,17 @@
 """What every task shares: a backbone and a head, optimiser and scheduler factories from config,
-optional ``torch.compile``, and one hook for the end of a validation or test epoch."""
+optional ``torch.compile``, one hook for the end of a validation or test epoch, and the record of
+which backbone and experiment wrote a checkpoint."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .checkpoint_io import IDENTITY_KEY
 from .optim import param_groups_weight_decay
 
 
@@ -24,6 +27,9 @@ class BackboneHeadTask(pl.LightningModule):
         optimizer: partial optimiser, called with parameter groups (weight decay off for norms,
             biases, A_logs, Ds and the backbone's ``no_weight_decay()`` names).
         scheduler: optional partial ``(optimizer, total_steps) -> LRScheduler``, stepped per batch.
+
+    ``run_identity`` (set by run.py: backbone name, experiment) is saved in every checkpoint, so a resume
+    or evaluation with another backbone is refused by name before anything is loaded.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: Callable,
@@ -31,6 +37,11 @@ class BackboneHeadTask(pl.LightningModule):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.run_identity: dict[str, Optional[str]] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        architecture = getattr(self.backbone, "pretrained_cfg", {}).get("architecture")
+        checkpoint[IDENTITY_KEY] = {"backbone": architecture, **self.run_identity}
 
     def setup(self, stage: str) -> None:
         if self.hparams.get("compile") and stage == "fit":
@@ -47,7 +58,11 @@ class BackboneHeadTask(pl.LightningModule):
             group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the learning-rate schedule needs the run's length, but trainer.max_epochs=-1 and "
+                             "trainer.max_steps=-1 set none: set one of them, or scheduler=null")
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def evaluation_epoch_end(self, stage: str) -> None:

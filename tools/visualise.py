@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import backbones  # noqa: F401  (registers the vision-Mamba models with timm)
+from tasks.callbacks import metric_history
 
 
 def effective_receptive_field(model: nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -108,7 +109,7 @@ def multirun_curves(sweep_dir: Path, metric: str) -> dict[str, pd.DataFrame]:
             import yaml
 
             label = " ".join(yaml.safe_load(overrides.read_text()) or []) or job.name
-        curves[label] = frame[["step", metric]].dropna()
+        curves[label] = metric_history(frame, metric)
     if not curves:
         raise FileNotFoundError(f"no job under {sweep_dir} has {metric!r} in its metrics.csv")
     return curves
