@@ -203,16 +203,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def resume_hint(trainer: pl.Trainer, output_dir: Path) -> str:
-    """How to continue a stopped run, naming only a checkpoint this run actually wrote."""
+    """How to continue a stopped run, naming only a checkpoint that exists."""
     saved = next((c.saved_path for c in trainer.callbacks if isinstance(c, CheckpointOnInterrupt) and c.saved_path),
                  None)
+    if saved is not None:
+        return f"resume with hydra.run.dir={output_dir} ckpt_path={saved}"
     checkpoint = trainer.checkpoint_callback
-    if saved is None and checkpoint is not None and checkpoint.last_model_path:
-        saved = Path(checkpoint.last_model_path)
-    if saved is None or not saved.is_file():
-        return ("no checkpoint was written (no checkpoint_on_interrupt or model_checkpoint callback), "
-                "so this run cannot be resumed")
-    return f"resume with hydra.run.dir={output_dir} ckpt_path={saved}"
+    written = [Path(p) for p in (checkpoint.last_model_path, checkpoint.best_model_path) if p] if checkpoint else []
+    written = [path for path in written if path.is_file()]
+    if not written:
+        return ("no checkpoint was written (no checkpoint_on_interrupt callback, and no epoch ended with a "
+                "checkpoint), so this run cannot be resumed")
+    newest = max(written, key=lambda path: path.stat().st_mtime)
+    return (f"the stopped state was not saved (no checkpoint_on_interrupt callback); the newest checkpoint is "
+            f"{newest}: resume with hydra.run.dir={output_dir} ckpt_path={newest}, losing the steps after it")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

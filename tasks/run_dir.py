@@ -31,6 +31,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from .checkpoint_io import resolve_checkpoint, run_identity
+from .config_checks import check_config
+
 log = logging.getLogger("mambalab")
 
 # Files a run writes at its start: a folder holding one of them is a run folder.
@@ -110,7 +113,8 @@ def _job_key() -> str:
 
 
 def announce_folder(folder: Path) -> None:
-    """Rank 0: tell the other ranks of this launch which folder it claimed (a new file, written atomically)."""
+    """Rank 0: tell the other ranks of this launch which folder it claimed (in a new file; a reader that finds
+    it half-written reads it again)."""
     _, handle = open_new(folder.parent / ".rank0" / f"{_job_key()}.json")
     with handle:
         handle.write(json.dumps({"folder": str(folder), "time": time.time()}).encode())
@@ -121,7 +125,8 @@ def await_folder(parent: Path, timeout_s: float, poll_s: float = 0.2) -> Path:
     deadline, key, not_before = time.time() + timeout_s, _job_key(), PROCESS_START - 60
     while True:
         announced = []
-        for note in (parent / ".rank0").glob(f"{key}*.json"):
+        board = parent / ".rank0"
+        for note in [*board.glob(f"{key}.json"), *board.glob(f"{key}_*.json")]:
             try:
                 record = json.loads(note.read_text())
             except (OSError, ValueError):  # rank 0 is still writing it
@@ -165,13 +170,9 @@ class RunFolder(Callback):
         stop_on_error(self._choose_sweep_folder, config)
 
     def _choose_run_folder(self, config: DictConfig) -> None:
-        from .config_checks import check_config
-
         check_config(config, overrides=list(config.hydra.overrides.task))
         rank = process_rank()
         if rank == 0 and config.get("ckpt_path"):
-            from .checkpoint_io import resolve_checkpoint, run_identity
-
             resolved = resolve_checkpoint(config.ckpt_path, Path(config.paths.log_dir), run_identity(config))
             with read_write(config):
                 config.ckpt_path = resolved  # `last` becomes the file it names, in the recorded config too
@@ -193,8 +194,6 @@ class RunFolder(Callback):
 
     @staticmethod
     def _choose_sweep_folder(config: DictConfig) -> None:
-        from .config_checks import check_config
-
         check_config(config, overrides=list(config.hydra.overrides.task))
         sweep_dir = Path(config.hydra.sweep.dir)
         if explicit_override(config, "hydra.sweep.dir"):
