@@ -167,7 +167,8 @@ def check_input_folders(cfg: DictConfig, overrides: Sequence[str]) -> None:
         value = _select(cfg, key) if key in given else None
         if value is not None and not Path(str(value)).expanduser().is_dir():
             raise ConfigError(f"{key}={value}: no such folder (set on the command line, so no other copy of the "
-                              "data is used instead)")
+                              "data is used instead; create the folder first if the data is to be downloaded "
+                              "into it)")
 
 
 def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:

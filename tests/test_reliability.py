@@ -96,6 +96,16 @@ def test_multirun_sweep_folders_are_claimed_too(tmp_path):
     assert folders[0] != folders[1] and all(folder.is_dir() for folder in folders)
 
 
+def test_a_non_empty_sweep_folder_is_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "metrics.csv").write_text("step\n0\n")
+    cfg = compose_config([f"hydra.sweep.dir={sweep}"], tmp_path)
+    with pytest.raises(SystemExit, match=f"hydra.sweep.dir={sweep} is not empty"):
+        RunFolder().on_multirun_start(cfg)
+    assert (sweep / "0" / "metrics.csv").read_text() == "step\n0\n"
+
+
 def test_an_explicit_folder_holding_a_run_is_reused_only_to_resume_it(fashion_dir, tmp_path):
     old = tmp_path / "old"
     (old / ".hydra").mkdir(parents=True)
