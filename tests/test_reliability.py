@@ -253,6 +253,29 @@ def test_keys_a_backbone_accepts_pass(tmp_path):
                                  "trainer.max_steps=100"], tmp_path))
 
 
+def test_filled_by_run_lists_every_argument_run_py_passes(fashion_dir, tmp_path, monkeypatch):
+    """The table the key check uses must follow build_task/build_trainer, or a key run.py replaces slips through."""
+    import hydra
+
+    import run
+    from tasks.config_checks import FILLED_BY_RUN
+
+    passed: dict[str, set[str]] = {}
+    instantiate = hydra.utils.instantiate
+
+    def recording(config, *args, **kwargs):
+        key = config._key() if hasattr(config, "_key") else None
+        passed.setdefault(key, set()).update(kwargs)
+        return instantiate(config, *args, **kwargs)
+
+    monkeypatch.setattr(hydra.utils, "instantiate", recording)
+    cfg = compose_config([f"data.data_dir={fashion_dir}", "data.num_workers=0"], tmp_path)
+    run.build_task(cfg)
+    run.build_trainer(cfg)
+    assert {group for group in passed if passed[group]} == {"backbone", "head", "task", "trainer"}
+    assert all(passed[group] <= set(FILLED_BY_RUN[group]) for group in passed if passed[group])
+
+
 def test_bad_config_value_stops_before_any_folder_is_made(fashion_dir, tmp_path):
     result = run_cli(tiny(fashion_dir, None, "data.batch_size=0"), cwd=tmp_path)
     assert result.returncode != 0 and "data.batch_size=0 (int): must be a positive integer" in output(result)
