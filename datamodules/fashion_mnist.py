@@ -8,6 +8,7 @@ decoded once into memory (47 MB) and batches are built from tensors, not PIL ima
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_labels
 from .resumable import ResumableTrainData, seed_for
+
+log = logging.getLogger("mambalab")
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
@@ -136,9 +139,20 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
         self.val_size, self.augment, self.seed = val_size, augment, seed
         self.search_system, self.download = search_system, download
         self.splits: dict[str, Dataset] = {}
+        self.files: Optional[dict[str, tuple[Path, Path]]] = None
+
+    @property
+    def data_source(self) -> str:
+        """The four IDX files this module reads (located now if not yet), for the run log."""
+        return ", ".join(str(path) for pair in self._files().values() for path in pair)
 
     def _files(self) -> dict[str, tuple[Path, Path]]:
+        if self.files is not None:
+            return self.files
         files = locate_files(self.data_dir, self.search_system)
+        if files is not None and files["train"][0].parent == DEBIAN_DIR != self.data_dir.resolve():
+            log.warning("Fashion-MNIST: data_dir=%s has no IDX files; using the system copy in %s instead",
+                        self.data_dir, DEBIAN_DIR)
         if files is None and self.download:
             files = download_with_torchvision(self.data_dir)
         if files is None:
@@ -149,6 +163,7 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
                 + ". Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put "
                 + ", ".join(f"{stem}.gz" for stems in SPLIT_FILES.values() for stem in stems)
                 + f" in {self.data_dir}.")
+        self.files = files
         return files
 
     @classmethod

@@ -1,15 +1,17 @@
 """What every task shares: a backbone and a head, optimiser and scheduler factories from config, the weight
-decay, optional ``torch.compile``, the list of facts it is told about its data, and one hook for the end of a
-validation or test epoch."""
+decay, optional ``torch.compile``, the list of facts it is told about its data, one hook for the end of a
+validation or test epoch, and the record of which backbone and experiment wrote a checkpoint."""
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional
+import math
+from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .checkpoint_io import IDENTITY_KEY
 from .optim import param_groups_weight_decay
 
 
@@ -29,6 +31,9 @@ class BackboneHeadTask(pl.LightningModule):
         scheduler: optional partial ``(optimizer, total_steps) -> LRScheduler``, stepped per batch.
         weight_decay: weight decay of the decayed parameter group; norms, biases, A_logs, Ds and the
             backbone's ``no_weight_decay()`` names get none.
+
+    ``run_identity`` (set by run.py: backbone name, experiment) is saved in every checkpoint, so a resume
+    or evaluation with another backbone is refused by name before anything is loaded.
     """
 
     data_inputs: ClassVar[tuple[str, ...]] = ("num_classes",)
@@ -39,6 +44,11 @@ class BackboneHeadTask(pl.LightningModule):
         self.backbone, self.head = backbone, head
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay = weight_decay
+        self.run_identity: dict[str, Optional[str]] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        architecture = getattr(self.backbone, "pretrained_cfg", {}).get("architecture")
+        checkpoint[IDENTITY_KEY] = {"backbone": architecture, **self.run_identity}
 
     def setup(self, stage: str) -> None:
         if self.hparams.get("compile") and stage == "fit":
@@ -54,7 +64,11 @@ class BackboneHeadTask(pl.LightningModule):
             group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the learning-rate schedule needs the run's length, but trainer.max_epochs=-1 and "
+                             "trainer.max_steps=-1 set none: set one of them, or scheduler=null")
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def evaluation_epoch_end(self, stage: str) -> None:

@@ -33,3 +33,28 @@ def parameters_reached(parameters: Iterable[torch.nn.Parameter]) -> float:
     if not peaks or max(peaks) == 0:
         return 0.0
     return sum(peak > GRADIENT_NOISE_FLOOR * max(peaks) for peak in peaks) / len(peaks)
+
+
+class NanInBatch(pl.Callback):
+    """Turn the images of one batch of one phase ("train", "val" or "test") into NaN, as a corrupt file would.
+
+    The batch tensor is changed in place, so every callback holding the batch sees the poisoned values.
+    """
+
+    def __init__(self, phase: str, batch_idx: int = 0) -> None:
+        self.phase, self.batch_idx = phase, batch_idx
+
+    def _poison(self, phase: str, batch, batch_idx: int) -> None:
+        if phase == self.phase and batch_idx == self.batch_idx:
+            batch[0].fill_(float("nan"))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._poison("train", batch, batch_idx)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._poison("val", batch, batch_idx)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._poison("test", batch, batch_idx)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import backbones  # noqa: F401  (registers the vision-Mamba models with timm)
+from tasks.callbacks import metric_history
 
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 """Contribution fractions at which RepLKNet reports the high-contribution area ratio."""
@@ -145,7 +146,7 @@ def multirun_curves(sweep_dir: Path, metric: str) -> dict[str, pd.DataFrame]:
             import yaml
 
             label = " ".join(yaml.safe_load(overrides.read_text()) or []) or job.name
-        curves[label] = frame[["step", metric]].dropna()
+        curves[label] = metric_history(frame, metric)
     if not curves:
         raise FileNotFoundError(f"no job under {sweep_dir} has {metric!r} in its metrics.csv")
     return curves
