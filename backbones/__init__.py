@@ -11,7 +11,7 @@ from types import ModuleType
 import timm
 from torch import nn
 
-from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
+from . import _fx, efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba  # noqa: F401 (_fx registers FX leaves)
 from .ssm import selective_scan
 
 __all__ = ["block_classes", "create_backbone", "family_of", "list_backbones", "selective_scan"]
