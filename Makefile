@@ -25,7 +25,7 @@ DATA_PACKAGES := stardist==0.9.2 deepforest==2.1.0
 # A prebuilt CPU mmcv 2.1.0 for CPython 3.11 / x86_64 / torch 2.14.1 (see docs/mm/README.md to build one).
 MMCV_WHEEL := $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl)
 
-.PHONY: install mm demo test test-slow test-all lint clean
+.PHONY: install mm demo test test-slow test-all test-timm lint clean
 
 install: $(STAMP)
 
@@ -68,8 +68,12 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+# timm's own tests/test_models.py (fetched from the installed timm's sdist) on every registered backbone.
+test-timm: $(STAMP)
+	$(PY) -m tools.timm_suite
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache
+	rm -rf $(VENV) logs .pytest_cache .cache/timm-suite

@@ -4,11 +4,13 @@ names; plus the ImageNet pretrained-cfg defaults and the model builder."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
+from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
 from .layers import flagged_no_weight_decay
@@ -22,15 +24,19 @@ class MambaBackbone(nn.Module):
     staged layout (``stem``, then ``stages`` whose outputs are the levels; VMamba, MSVMamba,
     EfficientVMamba, GroupMamba): ``_forward_levels`` (run the model, collect level maps),
     ``_finish_features`` (what ``forward_features`` adds after the last level), ``_norm_level`` (what
-    ``norm=True`` does to the last level) and ``_drop_levels_after`` (what pruning removes). Classifier
+    ``norm=True`` does to the last level) and ``_prune_levels`` (what pruning removes). Classifier
     hooks: ``_pool`` (how ``global_pool`` reduces the features), ``_reset_heads`` and ``_prune_head``.
 
     Class attributes: ``global_pools``, the ``global_pool`` values ``_pool`` knows; ``final_norm``, the
-    attribute that ``prune_norm`` replaces with ``nn.Identity`` (None when there is no final norm).
+    attribute that ``prune_norm`` replaces with ``nn.Identity`` (None when there is no final norm);
+    ``level_modules``, whether timm's module-based feature extractors can read the levels.
     """
 
     global_pools: Tuple[str, ...] = ("avg", "")
     final_norm: Optional[str] = "norm"
+    # Whether each feature level is the output of its ``feature_info`` module in ``forward``, which timm's
+    # hook and FX feature extractors read (``features_only`` with ``feature_cls`` other than "getter").
+    level_modules: bool = True
 
     def _init_classifier(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
                          global_pool: str = "avg") -> None:
@@ -49,7 +55,9 @@ class MambaBackbone(nn.Module):
         return global_pool
 
     def _linear_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """A classifier on the model's device and dtype, in its training mode (also when reset later)."""
+        head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) if num_classes > 0 else nn.Identity()
+        return head.train(self.training)
 
     def _reset_heads(self, num_classes: int) -> None:
         self.head = self._linear_head(num_classes)
@@ -110,9 +118,11 @@ class MambaBackbone(nn.Module):
         """The last level's map as ``forward_intermediates(norm=True)`` returns it."""
         return feature
 
-    def _drop_levels_after(self, index: int) -> bool:
-        """Remove what only computes levels after ``index`` (trimming ``feature_info``); True when the final
-        norm and head no longer fit what is left."""
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """Remove what only computes levels other than ``indices`` (the kept ones, increasing; with
+        ``prune_head`` also what only the head needed) and trim ``feature_info`` after the last of them;
+        True when the final norm and head no longer fit."""
+        index = indices[-1]
         if index == len(self.stages) - 1:
             return False
         self.stages = self.stages[: index + 1]
@@ -144,8 +154,8 @@ class MambaBackbone(nn.Module):
                                   prune_head: bool = True) -> List[int]:
         """Drop what comes after the last requested level where the family can, and the final norm and head
         when asked or when they no longer fit."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if self._drop_levels_after(max_index):
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        if self._prune_levels(sorted(set(take_indices)), prune_head):
             prune_norm = prune_head = True
         if prune_norm and self.final_norm is not None:
             setattr(self, self.final_norm, nn.Identity())
@@ -163,9 +173,41 @@ def imagenet_cfg(url: str = "", **kwargs: Any) -> dict:
     }
 
 
-def build_backbone(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+@contextmanager
+def factory_defaults(device: Optional[Union[str, torch.device]] = None,
+                     dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """Create tensors on ``device`` and floating-point tensors in ``dtype`` inside the block (None keeps
+    PyTorch's defaults). ``dtype`` is set with ``torch.set_default_dtype``, which is process-wide: build
+    models with different dtypes from one thread at a time."""
+    previous_dtype = torch.get_default_dtype()
+    with torch.device(device) if device is not None else nullcontext():
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous_dtype)
+
+
+def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
+                   device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+                   **kwargs: Any) -> nn.Module:
     """``build_model_with_cfg`` with ``features_only`` served by ``forward_intermediates`` (four levels
-    unless ``out_indices`` says otherwise)."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(model_cls, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    unless ``out_indices`` says otherwise).
+
+    ``device`` and ``dtype`` (which ``timm.create_model`` passes on) are where and in which floating-point
+    type the parameters and buffers are created: ``device="meta"`` builds the structure without allocating
+    memory, ``device="cuda"`` initialises directly on the GPU. Pretrained weights load after construction.
+    """
+    feature_cfg = {"out_indices": kwargs.pop("out_indices", (0, 1, 2, 3)), "feature_cls": "getter",
+                   **kwargs.pop("feature_cfg", {})}
+    feature_cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
+    if kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet) and not model_cls.level_modules:
+        raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}: its "
+                         "feature levels are not outputs of modules, which timm's hook and FX extractors read")
+
+    def construct(**model_kwargs: Any) -> nn.Module:
+        with factory_defaults(device, dtype):
+            return model_cls(**model_kwargs)
+
+    return build_model_with_cfg(construct, variant, pretrained, feature_cfg=feature_cfg, **kwargs)

@@ -73,7 +73,8 @@ class ModulatedGroupMamba(nn.Module):
         x = self.norm(x)
         gate = self.affinity(x)
         chunks = x.chunk(len(self.groups), dim=-1)
-        y = torch.cat([group(chunk) for group, chunk in zip(self.groups, chunks)], dim=-1)
+        # Chunks by index, not zip: FX tracing cannot iterate the traced tuple.
+        y = torch.cat([group(chunks[i]) for i, group in enumerate(self.groups)], dim=-1)
         y = y * self.skip_scale * x * gate
         return self.proj(self.norm(y))
 
@@ -190,6 +191,7 @@ class GroupMamba(MambaBackbone):
                  reduction: int = 16, distilled: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  global_pool: str = "avg", scan_backend: str = "auto") -> None:
         super().__init__()
+        self.in_chans = in_chans
         self.distilled, self.distilled_training = distilled, True
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # the official stage, block and class-block norms
         mixer_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv, reduction=reduction,

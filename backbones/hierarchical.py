@@ -54,6 +54,7 @@ class HierarchicalMamba(MambaBackbone):
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, global_pool: str = "avg", **block_kwargs: Any) -> None:
         super().__init__()
+        self.in_chans = in_chans
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
         self.stem = stem_layer(in_chans, dims[0])

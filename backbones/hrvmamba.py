@@ -26,7 +26,7 @@ Key layout: the official names are kept except inside the DVSS blocks; ``OFFICIA
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,8 @@ class MultiScaleDWConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         chunks = self.norm(x).chunk(len(self.convs), dim=1)
-        y = torch.cat([conv(chunk) for conv, chunk in zip(self.convs, chunks)], dim=1)
+        # Chunks by index, not zip: FX tracing cannot iterate the traced tuple.
+        y = torch.cat([conv(chunks[i]) for i, conv in enumerate(self.convs)], dim=1)
         return x + self.act(channel_shuffle(y, len(self.convs)))
 
 
@@ -151,23 +152,36 @@ class HRVMambaModule(nn.Module):
         num_out = len(widths) if multiscale_output else 1
         self.fuse_layers = nn.ModuleList(
             nn.ModuleList(_fuse_layer(widths, i, j) for j in range(len(widths))) for i in range(num_out))
+        # One activation per output branch: each output map is a module's output, which timm's hook and
+        # FX feature extractors (``feature_info`` module names) read.
+        self.fuse_acts = nn.ModuleList(nn.ReLU() for _ in range(num_out))
         self.grad_checkpointing = False
 
-    def forward(self, xs: List[Tensor]) -> List[Tensor]:
+    def drop_outputs(self, keep: Sequence[int]) -> None:
+        """Stop fusing into the output branches not in ``keep`` (pruning): their exchange layers go."""
+        for i in range(len(self.fuse_layers)):
+            if i not in keep:
+                self.fuse_layers[i] = nn.ModuleList()
+
+    def forward(self, xs: List[Tensor], outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """The fused maps of the output branches ``outputs`` (all by default), in that order."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             from timm.models import checkpoint_seq
             xs = [checkpoint_seq(branch, x) for branch, x in zip(self.branches, xs)]
         else:
             xs = [branch(x) for branch, x in zip(self.branches, xs)]
         fused = []
-        for i, layers in enumerate(self.fuse_layers):
+        for i in range(len(self.fuse_layers)) if outputs is None else outputs:
+            layers = self.fuse_layers[i]
+            if len(layers) == 0:
+                raise ValueError(f"HRVMamba: output branch {i} was pruned (prune_intermediate_layers)")
             y = xs[i]
             for j, layer in enumerate(layers):
                 if j > i:
                     y = y + F.interpolate(layer(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
                 elif j < i:
                     y = y + layer(xs[j])
-            fused.append(F.relu(y))
+            fused.append(self.fuse_acts[i](y))
         return fused
 
 
@@ -251,6 +265,7 @@ class HRVMamba(MambaBackbone):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
                  scan_backend: str = "auto") -> None:
         super().__init__()
+        self.in_chans = in_chans
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
@@ -280,7 +295,8 @@ class HRVMamba(MambaBackbone):
             pre = cur
         self.num_stages = len(num_modules)
         outputs = widths if multiscale_output else widths[:1]
-        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"stage{self.num_stages + 1}")
+        last_module = f"stage{self.num_stages + 1}.{num_modules[-1] - 1}"
+        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"{last_module}.fuse_acts.{i}")
                              for i, w in enumerate(outputs)]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
         self._init_classifier(num_features if multiscale_output else widths[0], num_classes, drop_rate, global_pool)
@@ -300,33 +316,47 @@ class HRVMamba(MambaBackbone):
             (r"^stage(\d+)" if coarse else r"^stage(\d+)\.(\d+)", None),
             (r"^transition(\d+)", (99,)), (r"^neck", (99999,))])
 
-    def forward_branches(self, x: Tensor) -> List[Tensor]:
-        """Stem, stage 1 and the multi-resolution stages; the final branch maps, finest first."""
+    def forward_branches(self, x: Tensor, outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """Stem, stage 1 and the multi-resolution stages; the final maps of the output branches ``outputs``
+        (all by default), in that order."""
         x = self.layer1(self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))))
         xs = [x]
         for s in range(self.num_stages):
             transition = getattr(self, f"transition{s + 1}")
             xs = [layer(xs[i] if i < len(xs) else xs[-1]) for i, layer in enumerate(transition)]
-            xs = getattr(self, f"stage{s + 2}")(xs)
+            modules = getattr(self, f"stage{s + 2}")
+            for module in modules[:-1]:
+                xs = module(xs)
+            xs = modules[-1](xs, outputs if s == self.num_stages - 1 else None)
         return xs
 
     def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[List[Tensor], List[Tensor]]:
-        """Every branch is computed even with ``stop_early``: the exchange units need them all."""
-        xs = self.forward_branches(x)
-        return xs, [xs[i] for i in indices]
+        """Every branch is computed even with ``stop_early`` (the exchange units need them all); the last
+        exchange unit fuses into the requested levels and what ``_finish_features`` needs: every branch
+        for the neck, else the last level."""
+        last = len(self.feature_info) - 1
+        outputs = list(range(last + 1)) if self.neck is not None else sorted(set(indices) | {last})
+        xs = self.forward_branches(x, outputs)
+        return xs, [xs[outputs.index(i)] for i in indices]
 
     def _finish_features(self, state: List[Tensor]) -> Tensor:
-        """The classification neck's stride-32 map, or the stride-4 branch without a neck; NCHW."""
-        return self.neck(state) if self.neck is not None else state[0]
+        """The classification neck's stride-32 map, or without a neck the last output branch (the stride-4
+        branch of the pose model, the last kept level of a pruned model); NCHW."""
+        return self.neck(state) if self.neck is not None else state[-1]
 
-    def _drop_levels_after(self, index: int) -> bool:
-        """Nothing goes: every branch feeds the exchange units."""
-        return False
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """Once the neck goes (with the head, or when the last level does: it needs every branch), the last
+        exchange unit stops fusing into the branches other than ``indices``; every branch still feeds it."""
+        if indices[-1] == len(self.feature_info) - 1 and not prune_head:
+            return False
+        getattr(self, f"stage{self.num_stages + 1}")[-1].drop_outputs(indices)
+        self.feature_info = self.feature_info[: indices[-1] + 1]
+        return True
 
     def _prune_head(self) -> None:
-        """The classification neck goes with the head (all branches are needed for the exchange units)."""
+        """The classification neck goes with the head; the features are then the last output branch."""
         self.neck = None
-        self.num_features = self.head_hidden_size = self.widths[0]
+        self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
         super()._prune_head()
 
 
@@ -364,7 +394,8 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     """Convert a released HRVMamba checkpoint to this module's keys (no shape changes needed).
 
     A state dict already in our layout passes through unchanged. The classification neck and head are
-    dropped when the model has none (a features-only or ``num_classes=0`` model). Pose checkpoints
+    dropped when the model has none (a features-only or ``num_classes=0`` model), and so are the exchange
+    layers that pruning removed. Pose checkpoints
     match ``multiscale_output=False`` models; loading them into the default (multiscale) model leaves
     the extra exchange layers of the last module and the neck to be trained.
     """
@@ -373,6 +404,10 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
         state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
     if getattr(model, "neck", None) is None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("neck.")}
+    pruned = tuple(f"{name}.fuse_layers.{i}." for name, module in model.named_modules()
+                   if isinstance(module, HRVMambaModule) for i, layers in enumerate(module.fuse_layers) if not layers)
+    if pruned:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
     if not isinstance(getattr(model, "head", None), nn.Linear):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     return state_dict

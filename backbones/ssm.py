@@ -219,7 +219,8 @@ def linear_recurrence(decay: Tensor, drive: Tensor) -> Tensor:
     since it only multiplies decays in (0, 1] it cannot overflow, whatever |A * delta| is.
     """
     length = decay.shape[-1]
-    if length == 1:  # h_0 = drive_0; `+ 0 * decay` keeps decay (hence A) in the autograd graph, as DDP needs
+    # h_0 = drive_0 (meta tensors carry only shapes); `+ 0 * decay` keeps decay (hence A) in the autograd graph
+    if length == 1 or drive.device.type == "meta":
         return drive + 0.0 * decay
     pairs = length // 2
     a_even, a_odd = decay[..., 0::2], decay[..., 1::2]

@@ -154,6 +154,7 @@ class PatchEmbed(nn.Module):
         return (height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1
 
     def forward(self, x: Tensor) -> Tensor:
+        self.grid(*x.shape[-2:])  # refuses inputs smaller than one patch
         return self.proj(x)
 
 
@@ -184,6 +185,7 @@ class VisionMamba(MambaBackbone):
 
     global_pools = ("token", "avg", "")
     final_norm = "norm_f"
+    level_modules = False  # the levels are sums of the residual stream between blocks
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, stride: int = 16,
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
@@ -192,6 +194,7 @@ class VisionMamba(MambaBackbone):
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
                  scan_backend: str = "auto") -> None:
         super().__init__()
+        self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
         self.grid = self.patch_embed.grid(*to_2tuple(img_size))
@@ -207,7 +210,9 @@ class VisionMamba(MambaBackbone):
         self.feature_taps = list(feature_taps or [depth * (q + 1) // 4 - 1 for q in range(4)])
         self.grad_checkpointing = False
         if feature_pyramid:
-            self.feature_pyramid = nn.ModuleList(_pyramid_level(embed_dim, stride / r) for r in (4, 8, 16, 32))
+            # Keyed by level (a ModuleList's state-dict names), so that pruning can drop levels.
+            self.feature_pyramid = nn.ModuleDict({str(level): _pyramid_level(embed_dim, stride / r)
+                                                  for level, r in enumerate((4, 8, 16, 32))})
             reductions = [4, 8, 16, 32]
         else:
             self.feature_pyramid, reductions = None, [stride] * len(self.feature_taps)
@@ -241,8 +246,9 @@ class VisionMamba(MambaBackbone):
 
     def _tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch tokens with the class token at the middle index and the position embedding added."""
-        grid = self.patch_embed.grid(*x.shape[-2:])
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed(x)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
         middle = x.shape[1] // 2
         x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid)), grid
@@ -256,6 +262,9 @@ class VisionMamba(MambaBackbone):
                         stop_early: bool) -> Tuple[Tuple[Tensor, Tensor], List[Tensor]]:
         """The residual stream after the tap blocks of ``indices`` as NCHW maps without the class token,
         through the feature pyramid when the model has one."""
+        if self.feature_pyramid is not None and any(str(i) not in self.feature_pyramid for i in indices):
+            raise ValueError(f"Vim: levels {indices} asked for, but only {list(self.feature_pyramid)} are left "
+                             "after prune_intermediate_layers")
         taps = {self.feature_taps[i]: i for i in indices}
         last_block = self.feature_taps[indices[-1]] if stop_early else len(self.layers) - 1
         hidden, grid = self._tokens(x)
@@ -267,18 +276,23 @@ class VisionMamba(MambaBackbone):
                 middle = stream.shape[1] // 2
                 tokens = torch.cat((stream[:, :middle], stream[:, middle + 1:]), dim=1)
                 feature = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-                maps.append(self.feature_pyramid[taps[index]](feature) if self.feature_pyramid is not None
+                maps.append(self.feature_pyramid[str(taps[index])](feature) if self.feature_pyramid is not None
                             else feature)
         return (hidden, residual), maps
 
     def _finish_features(self, state: Tuple[Tensor, Tensor]) -> Tensor:
         """All tokens after the final add and norm, (B, M + 1, D), the class token at index M // 2."""
         hidden, residual = state
-        return self.norm_f((residual + self.drop_path(hidden)).to(self.norm_f.weight.dtype))
+        return self.norm_f((residual + self.drop_path(hidden)).to(hidden.dtype))
 
-    def _drop_levels_after(self, index: int) -> bool:
-        """The blocks after the tap of level ``index`` go; the final norm and head still fit (same width)."""
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """The blocks after the last kept tap and the other levels' pyramid go; the final norm and head
+        still fit (same width)."""
+        index = indices[-1]
         self.layers = self.layers[: self.feature_taps[index] + 1]
+        if self.feature_pyramid is not None:
+            for level in [level for level in self.feature_pyramid if int(level) not in indices]:
+                del self.feature_pyramid[level]
         self.feature_info = self.feature_info[: index + 1]
         return False
 

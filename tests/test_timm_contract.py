@@ -5,6 +5,7 @@ Cheap checks (pretrained cfg, first conv and classifier names, feature info, poo
 on every name, built on the meta device; forward/backward checks run on the small variants (``test_*`` of
 every family and ``vmamba_femto``). A family added to ``backbones`` is picked up here automatically, and
 these tests fail until its official counts and its test variant's feature widths are in the tables below.
+``make test-timm`` runs timm's file itself on every model; this one keeps what timm's does not check.
 """
 
 from __future__ import annotations
