@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -102,34 +103,32 @@ def components(node: Any, key: str) -> Iterator[tuple[str, DictConfig]]:
             yield from components(node._get_node(index), f"{key}[{index}]")
 
 
-def backbone_arguments(name: str) -> Optional[set[str]]:
-    """What ``backbones.create_backbone(name, **kwargs)`` passes on and uses: timm's factory and builder
-    arguments and the model class's; None when the model class cannot be told."""
-    import timm
-    from timm.models._builder import build_model_with_cfg
-
+def check_backbone_options(key: str, node: DictConfig, filled: Sequence[str]) -> None:
+    """Build the configured backbone on the meta device (no memory, about a second for the largest variant)
+    with the config's options: the family's constructors pass options down through ``**kwargs`` (skeleton ->
+    block -> mixer), so only a build tells whether each one is used. An option nobody takes is named."""
     import backbones
 
+    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+               if not k.startswith("_") and k != "name" and k not in filled}
     try:
-        family = backbones.family_of(name)
+        backbones.family_of(node.name)
     except ValueError as err:
-        raise ConfigError(f"backbone.name={name!r}: {err}") from err
-    classes = [obj for obj in vars(family).values() if isinstance(obj, type) and obj.__module__ == family.__name__
-               and hasattr(obj, "reset_classifier")]
-    if len(classes) != 1:
-        return None
-    accepted = {"features_only", "out_indices", "feature_cls"}  # taken by timm's builder from **kwargs
-    for function in (backbones.create_backbone, timm.create_model, build_model_with_cfg,
-                     timm.models.model_entrypoint(name), classes[0]):
-        accepted |= {p.name for p in inspect.signature(function).parameters.values()
-                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return accepted - BUILDER_INTERNALS
+        raise ConfigError(f"{key}.name={node.name!r}: {err}") from err
+    try:
+        backbones.create_backbone(node.name, **{**options, "pretrained": False}, device="meta")
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise ConfigError(f"{key}: building {node.name} with these options fails: {err}") from err
+        raise ConfigError(f"{key}.{unknown.group(1)}: backbones.create_backbone takes no argument "
+                          f"{unknown.group(1)!r} for {node.name} (no part of the model uses it)") from err
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"{key}: building {node.name} with these options fails: {err}") from err
 
 
 def accepted_arguments(target: str, node: DictConfig) -> Optional[set[str]]:
     """The keyword arguments ``target`` takes; None when it takes any (``**kwargs`` passed on unchecked)."""
-    if target == "backbones.create_backbone" and isinstance(node.get("name"), str):
-        return backbone_arguments(node.name)
     try:
         function = hydra.utils.get_object(target)
     except Exception as err:  # noqa: BLE001 -- Hydra wraps import errors; the message names the module
@@ -168,6 +167,8 @@ def check_components(cfg: DictConfig) -> None:
                 if accepted is not None and name not in accepted:
                     raise ConfigError(f"{key}.{name}: {target} takes no argument {name!r} (it takes: "
                                       f"{', '.join(sorted(accepted - set(filled)))})")
+            if target == "backbones.create_backbone" and isinstance(component.get("name"), str):
+                check_backbone_options(key, component, filled)
 
 
 def check_input_folders(cfg: DictConfig, overrides: Sequence[str]) -> None:
