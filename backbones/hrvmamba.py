@@ -26,20 +26,19 @@ Key layout: the official names are kept except inside the DVSS blocks; ``OFFICIA
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .dcnv4 import DCNv4
-from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
+from .layers import LayerNorm2d, init_linear_trunc_normal
 from .ss2d import SS2D, resolve_dt_rank
 
 __all__ = ["DVSSBlock", "HRVMamba", "HRVMambaModule", "MultiScaleDWConv", "OFFICIAL_KEY_RULES",
@@ -71,7 +70,8 @@ class MultiScaleDWConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         chunks = self.norm(x).chunk(len(self.convs), dim=1)
-        y = torch.cat([conv(chunk) for conv, chunk in zip(self.convs, chunks)], dim=1)
+        # Chunks by index, not zip: FX tracing cannot iterate the traced tuple.
+        y = torch.cat([conv(chunks[i]) for i, conv in enumerate(self.convs)], dim=1)
         return x + self.act(channel_shuffle(y, len(self.convs)))
 
 
@@ -152,23 +152,36 @@ class HRVMambaModule(nn.Module):
         num_out = len(widths) if multiscale_output else 1
         self.fuse_layers = nn.ModuleList(
             nn.ModuleList(_fuse_layer(widths, i, j) for j in range(len(widths))) for i in range(num_out))
+        # One activation per output branch: each output map is a module's output, which timm's hook and
+        # FX feature extractors (``feature_info`` module names) read.
+        self.fuse_acts = nn.ModuleList(nn.ReLU() for _ in range(num_out))
         self.grad_checkpointing = False
 
-    def forward(self, xs: List[Tensor]) -> List[Tensor]:
+    def drop_outputs(self, keep: Sequence[int]) -> None:
+        """Stop fusing into the output branches not in ``keep`` (pruning): their exchange layers go."""
+        for i in range(len(self.fuse_layers)):
+            if i not in keep:
+                self.fuse_layers[i] = nn.ModuleList()
+
+    def forward(self, xs: List[Tensor], outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """The fused maps of the output branches ``outputs`` (all by default), in that order."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             from timm.models import checkpoint_seq
             xs = [checkpoint_seq(branch, x) for branch, x in zip(self.branches, xs)]
         else:
             xs = [branch(x) for branch, x in zip(self.branches, xs)]
         fused = []
-        for i, layers in enumerate(self.fuse_layers):
+        for i in range(len(self.fuse_layers)) if outputs is None else outputs:
+            layers = self.fuse_layers[i]
+            if len(layers) == 0:
+                raise ValueError(f"HRVMamba: output branch {i} was pruned (prune_intermediate_layers)")
             y = xs[i]
             for j, layer in enumerate(layers):
                 if j > i:
                     y = y + F.interpolate(layer(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
                 elif j < i:
                     y = y + layer(xs[j])
-            fused.append(F.relu(y))
+            fused.append(self.fuse_acts[i](y))
         return fused
 
 
@@ -222,7 +235,7 @@ class ClassificationNeck(nn.Module):
         return self.forward_levels(xs)[-1]
 
 
-class HRVMamba(nn.Module):
+class HRVMamba(MambaBackbone):
     """HRVMamba classifier / multi-resolution backbone (timm model API).
 
     Args:
@@ -250,6 +263,8 @@ class HRVMamba(nn.Module):
             (``feature_norms``), as the official segmentation backbone (``Backbone_HRVMamba``, ``outnorm{i}``).
     """
 
+    final_norm = None  # the branches are not normalised at the end
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, widths: Sequence[int] = (80, 160, 320, 640),
                  stage1_planes: int = 64, num_modules: Sequence[int] = (1, 4, 2), depth: int = 2,
                  stem_width: int = 64, d_state: int = 1, ssm_ratio: float = 2.0, mlp_ratio: float = 2.0,
@@ -258,15 +273,13 @@ class HRVMamba(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
                  scan_backend: str = "auto", dense_features: str = "branches") -> None:
         super().__init__()
+        self.in_chans = in_chans
         if dense_features not in ("branches", "neck") or dense_features == "neck" and not multiscale_output:
             raise ValueError(f"HRVMamba: dense_features must be 'branches' or 'neck' (the latter with "
                              f"multiscale_output=True), got {dense_features!r}")
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
         self.widths, self.multiscale_output = tuple(widths), multiscale_output
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
@@ -294,16 +307,17 @@ class HRVMamba(nn.Module):
         self.num_stages = len(num_modules)
         self.dense_features = dense_features
         if dense_features == "neck":
-            outputs, module = [*neck_widths[:-1], num_features], "neck"
-            self.feature_norms = nn.ModuleList(LayerNorm2d(w) for w in outputs)
+            outputs = [*neck_widths[:-1], num_features]
+            modules = ["neck"] * len(outputs)
+            self._init_feature_norms(outputs)
         else:
-            outputs, module = widths if multiscale_output else widths[:1], f"stage{self.num_stages + 1}"
-            self.feature_norms = None
-        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=module) for i, w in enumerate(outputs)]
+            outputs = widths if multiscale_output else widths[:1]
+            last_module = f"stage{self.num_stages + 1}.{num_modules[-1] - 1}"
+            modules = [f"{last_module}.fuse_acts.{i}" for i in range(len(outputs))]
+        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=module)
+                             for i, (w, module) in enumerate(zip(outputs, modules))]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
-        self.num_features = self.head_hidden_size = num_features if multiscale_output else widths[0]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(num_features if multiscale_output else widths[0], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -313,11 +327,6 @@ class HRVMamba(nn.Module):
         init_linear_trunc_normal(module)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return flagged_no_weight_decay(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         # Ordinals (stage, module): stage 1 is layer1; transition k sits between stages k and k + 1.
         return dict(stem=r"^conv[12]|^bn[12]", blocks=[
@@ -325,80 +334,59 @@ class HRVMamba(nn.Module):
             (r"^stage(\d+)" if coarse else r"^stage(\d+)\.(\d+)", None),
             (r"^transition(\d+)", (99,)), (r"^neck", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for module in self.modules():
-            if isinstance(module, HRVMambaModule):
-                module.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_branches(self, x: Tensor) -> List[Tensor]:
-        """Stem, stage 1 and the multi-resolution stages; the final branch maps, finest first."""
+    def forward_branches(self, x: Tensor, outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """Stem, stage 1 and the multi-resolution stages; the final maps of the output branches ``outputs``
+        (all by default), in that order."""
         x = self.layer1(self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))))
         xs = [x]
         for s in range(self.num_stages):
             transition = getattr(self, f"transition{s + 1}")
             xs = [layer(xs[i] if i < len(xs) else xs[-1]) for i, layer in enumerate(transition)]
-            xs = getattr(self, f"stage{s + 2}")(xs)
+            modules = getattr(self, f"stage{s + 2}")
+            for module in modules[:-1]:
+                xs = module(xs)
+            xs = modules[-1](xs, outputs if s == self.num_stages - 1 else None)
         return xs
 
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """The branch maps (or, with ``dense_features="neck"``, the normalised neck levels) in ``indices`` (all by
-        default), NCHW, finest first."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        xs = self.forward_branches(x)
-        levels = xs
+    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[List[Tensor], List[Tensor]]:
+        """Every branch is computed even with ``stop_early`` (the exchange units need them all); the last
+        exchange unit fuses into the requested levels and what ``_finish_features`` needs: every branch
+        for the neck, else the last level. With ``dense_features="neck"`` the levels are the neck's."""
         if self.dense_features == "neck":
-            levels = [norm(level) for norm, level in zip(self.feature_norms, self.neck.forward_levels(xs))]
-        intermediates = [levels[i].permute(0, 2, 3, 1) if output_fmt == "NHWC" else levels[i] for i in take_indices]
-        if intermediates_only:
-            return intermediates
-        return (self.neck(xs) if self.neck is not None else xs[0]), intermediates
+            levels = self.neck.forward_levels(self.forward_branches(x))
+            return levels, [levels[i] for i in indices]
+        last = len(self.feature_info) - 1
+        outputs = list(range(last + 1)) if self.neck is not None else sorted(set(indices) | {last})
+        xs = self.forward_branches(x, outputs)
+        return xs, [xs[outputs.index(i)] for i in indices]
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop the head, and the classification neck unless the features are its levels (all branches are needed
-        for the exchange units)."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        if self.feature_norms is not None:  # only the requested levels' norms, as the official backbone has
-            for index in set(range(len(self.feature_norms))) - set(take_indices):
-                self.feature_norms[index] = nn.Identity()
-        if prune_head and self.dense_features == "neck":
-            self.reset_classifier(0, "")
-        elif prune_head:
-            self.neck = None
-            self.num_features = self.head_hidden_size = self.widths[0]
-            self.reset_classifier(0, "")
-        return take_indices
+    def _finish_features(self, state: List[Tensor]) -> Tensor:
+        """The classification neck's stride-32 map, or without a neck the last output branch (the stride-4
+        branch of the pose model, the last kept level of a pruned model); NCHW. With ``dense_features="neck"``
+        the state is the neck's levels, whose last is its output."""
+        if self.dense_features == "neck":
+            return state[-1]
+        return self.neck(state) if self.neck is not None else state[-1]
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The classification neck's stride-32 map, or the stride-4 branch without a neck; NCHW."""
-        xs = self.forward_branches(x)
-        return self.neck(xs) if self.neck is not None else xs[0]
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """Once the neck goes (with the head, or when the last level does: it needs every branch), the last
+        exchange unit stops fusing into the branches other than ``indices``; every branch still feeds it.
+        The neck's levels (``dense_features="neck"``) need every branch and the neck: nothing goes."""
+        if self.dense_features == "neck" or indices[-1] == len(self.feature_info) - 1 and not prune_head:
+            return False
+        getattr(self, f"stage{self.num_stages + 1}")[-1].drop_outputs(indices)
+        self.feature_info = self.feature_info[: indices[-1] + 1]
+        return True
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _prune_head(self) -> None:
+        """The classification neck goes with the head; the features are then the last output branch (with
+        ``dense_features="neck"`` the neck stays: its levels are the features)."""
+        if self.dense_features == "neck":
+            super()._prune_head()
+            return
+        self.neck = None
+        self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+        super()._prune_head()
 
 
 # Official key -> ours, applied in order with ``re.sub``. Only the DVSS blocks differ: official
@@ -436,7 +424,8 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     """Convert a released HRVMamba checkpoint to this module's keys (no shape changes needed).
 
     A state dict already in our layout passes through unchanged. The classification neck and head are
-    dropped when the model has none (a features-only or ``num_classes=0`` model). Pose checkpoints
+    dropped when the model has none (a features-only or ``num_classes=0`` model), and so are the exchange
+    layers that pruning removed. Pose checkpoints
     match ``multiscale_output=False`` models; loading them into the default (multiscale) model leaves
     the extra exchange layers of the last module and the neck to be trained.
     """
@@ -445,6 +434,10 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
         state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
     if getattr(model, "neck", None) is None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("neck.")}
+    pruned = tuple(f"{name}.fuse_layers.{i}." for name, module in model.named_modules()
+                   if isinstance(module, HRVMambaModule) for i, layers in enumerate(module.fuse_layers) if not layers)
+    if pruned:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
     if not isinstance(getattr(model, "head", None), nn.Linear):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     return with_own_weights(state_dict, model, "feature_norms.")
@@ -453,7 +446,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:
     default_indices = (0, 1, 2, 3) if kwargs.get("multiscale_output", True) else (0,)
     kwargs.setdefault("out_indices", default_indices)
-    return create_hierarchical(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_backbone(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

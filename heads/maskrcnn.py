@@ -42,6 +42,8 @@ from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from backbones._checkpoint import KeyRules, rename_key
 
+from .interface import HeadInputs
+
 Targets = Optional[list[dict[str, Tensor]]]
 
 
@@ -188,7 +190,7 @@ class MaskRCNN(nn.Module):
         image_std: normalisation std (0-1 scale).
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, strides: Optional[Sequence[int]] = None,
                  fpn_channels: int = 256, representation_size: int = 1024, mask_channels: int = 256,

@@ -93,7 +93,7 @@ def test_recipes_scale_the_learning_rate_with_the_total_batch(tmp_path):
 def test_fsdp_preset_wraps_every_backbone_block(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from backbones.vmamba import VSSBlock
+    from backbones.layers import VSSBlock
 
     cfg = compose_config(["trainer=fsdp", "trainer.strategy.activation_checkpointing=true"], tmp_path)
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)

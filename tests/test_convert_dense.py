@@ -15,6 +15,7 @@ from tasks.weights import load_task_weights, read_task_weights
 from tests import release_fixtures as rf
 from tests.conftest import compose_config, run_cli
 from tests.dense_fixtures import make_ade20k, make_coco
+from tests.official import hrvmamba_official_key, msvmamba_official
 from tests.test_convert import RELEASES, TEST_VMAMBA, vmamba_official
 from tools.convert import main
 from tools.convert_dense import fit_dense, plan_dense
@@ -38,9 +39,7 @@ def _test_backbone(config: dict = TEST_VMAMBA, dims=TEST_DIMS) -> rf.Shapes:
 
 def _msvmamba_backbone(depths, dims, generation: str, gated: bool, ffn_ratio: float, ssm_ratio: float) -> rf.Shapes:
     """MSVMamba's dense backbone (its ``MM_VSSM``: VMamba's ``Backbone_VSSM`` on MS blocks)."""
-    from tests.test_msvmamba import _official_state_dict
-
-    official = _official_state_dict(depths, dims, ssm_ratio, 1, generation, gated, ffn_ratio)
+    official = msvmamba_official(depths, dims, ssm_ratio, 1, generation, gated, ffn_ratio)
     return rf.dense_backbone({k: v.to("meta") for k, v in official.items()}, dims)
 
 
@@ -131,11 +130,10 @@ def _hrvmamba_dense_backbone(variant: str) -> rf.Shapes:
     ``final_layer`` included) plus ``outnorm{i}`` on the neck's four levels, official names under ``backbone.``."""
     import timm
 
-    from tests.test_hrvmamba import _to_official
 
     with torch.device("meta"):
         model = timm.create_model(variant, num_classes=0, dense_features="neck")
-    return {"backbone." + re.sub(r"^feature_norms\.(\d+)\.", r"outnorm\1.", _to_official(k)): tuple(v.shape)
+    return {"backbone." + re.sub(r"^feature_norms\.(\d+)\.", r"outnorm\1.", hrvmamba_official_key(k)): tuple(v.shape)
             for k, v in model.state_dict().items()}
 
 

@@ -20,6 +20,7 @@ import torch
 
 from tests import release_fixtures as rf
 from tests.conftest import ROOT
+from tests.official import efficientvmamba_official, hrvmamba_official_key
 from tests.test_convert import TEST_VMAMBA, _values, vmamba_official
 from tools.convert import convert_state_dict, load_official, main
 from tools.safe_load import Opaque, load_checkpoint
@@ -29,7 +30,6 @@ MARKER_TEXT = "side effect"
 
 class Payload:
     """Pickles as ``function(*args)``: what a malicious checkpoint carries."""
-
     def __init__(self, function, *args):
         self.function, self.args = function, args
 
@@ -79,7 +79,6 @@ def test_a_raw_protocol_0_pickle_is_refused_before_anything_runs(tmp_path):
 
 class Tracked:
     """A class whose construction and state restoring leave a trace: a safe load must do neither."""
-
     marker: Path = Path("unused")
 
     def __new__(cls, *args, **kwargs):
@@ -138,11 +137,9 @@ def test_vmamba_trainer_file_converts_plain_and_ema_weights(tmp_path, capsys):
 
 
 def test_hrvmamba_trainer_file_with_its_config_and_amp_state(tmp_path):
-    from tests.test_hrvmamba import _to_official
-
     torch.manual_seed(0)
     ours = timm.create_model("test_hrvmamba", num_classes=3).state_dict()
-    official = {_to_official(k): torch.randn_like(v) if v.is_floating_point() else v for k, v in ours.items()}
+    official = {hrvmamba_official_key(k): torch.randn_like(v) if v.is_floating_point() else v for k, v in ours.items()}
     ema = {k: v * 2 if v.is_floating_point() else v for k, v in official.items()}
     path = rf.save(rf.swin_trainer(official, ema, hrvmamba=True), tmp_path / "hrvmamba_small.pth")
     checkpoint = load_official(path)
@@ -153,9 +150,7 @@ def test_hrvmamba_trainer_file_with_its_config_and_amp_state(tmp_path):
 
 
 def test_efficientvmamba_trainer_file_ema_model_with_module_prefixes(tmp_path):
-    from tests.test_efficientvmamba import _official_state_dict
-
-    official = _official_state_dict((1, 1, 1, 1), (8, 16, 32, 64), d_state=2, num_classes=3)
+    official = efficientvmamba_official((1, 1, 1, 1), (8, 16, 32, 64), d_state=2, num_classes=3)
     official = {k: v.abs() if k.endswith("running_var") else v for k, v in official.items()}
     ema = {k: v + 1 if v.is_floating_point() and not k.endswith("running_var") else v for k, v in official.items()}
     path = rf.save(rf.efficientvmamba_trainer(official, ema), tmp_path / "checkpoint-299.pth.tar")
@@ -168,11 +163,9 @@ def test_efficientvmamba_trainer_file_ema_model_with_module_prefixes(tmp_path):
 
 def _pose_state_dict() -> dict:
     """An mmpose HRVMamba pose model's state dict (backbone under ``backbone.``, its heatmap head beside)."""
-    from tests.test_hrvmamba import _to_official
-
     torch.manual_seed(0)
     pose = timm.create_model("test_hrvmamba", num_classes=0, multiscale_output=False)
-    state = {"backbone." + _to_official(k): torch.randn_like(v) if v.is_floating_point() else v
+    state = {"backbone." + hrvmamba_official_key(k): torch.randn_like(v) if v.is_floating_point() else v
              for k, v in pose.state_dict().items()}
     return {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()} | {
         "head.final_layer.weight": torch.zeros(17, 8, 1, 1)}
