@@ -5,7 +5,8 @@ scheduler state), so training starts afresh from these weights.
 
 A converted model is ``model.safetensors`` holding the task's state dict (``backbone.*``, ``head.*``) with a
 JSON description in its metadata (``mambalab``, also written beside it as ``mambalab.json``): the experiment
-it was converted for, the backbone, the head, the number of classes and the dataset's class names. A file
+it was converted for, the backbone, the head, the number of classes and the dataset's class names. A run's
+``.ckpt`` describes itself by the backbone and experiment its run recorded (``tasks.checkpoint_io``). A file
 that does not match the run (another backbone, head or number of classes) fails naming both sides before any
 tensor is copied.
 """
@@ -21,6 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .checkpoint_io import checkpoint_record
+
 log = logging.getLogger("mambalab")
 
 WEIGHTS_FILE = "model.safetensors"
@@ -30,23 +33,26 @@ META_KEY = "mambalab"
 
 def read_task_weights(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """The task state dict in ``path`` (a folder written by tools.convert, its ``model.safetensors``, or a
-    run's ``.ckpt``) and the description stored with it (empty for a ``.ckpt``)."""
+    run's ``.ckpt``) and the description stored with it (for a ``.ckpt``, the backbone and experiment its run
+    recorded; empty for one written before runs recorded them)."""
     path = Path(path).expanduser()
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"weights={path}: no such file" + (f" (looked for {file})" if file != path else ""))
-    try:
-        if file.suffix == ".safetensors":
+    if file.suffix == ".safetensors":
+        try:
             with safe_open(str(file), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
                 return {key: handle.get_tensor(key) for key in handle.keys()}, meta
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a safetensors / torch file, or a pickle holding more than tensors
-        raise ValueError(f"weights={file} cannot be read ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"weights={file} is not a run.py checkpoint (no state_dict); official checkpoints go "
-                         f"through `python -m tools.convert` first")
-    return checkpoint["state_dict"], {}
+        except Exception as err:  # not a safetensors file, or its description is not JSON
+            raise ValueError(f"weights={file} cannot be read ({type(err).__name__}: {err})") from err
+    try:
+        record = checkpoint_record(file)  # complete, readable with weights_only, a run.py checkpoint
+    except ValueError as err:
+        raise ValueError(f"weights={err} (weights= takes a run's .ckpt or a model tools.convert wrote from an "
+                         "official checkpoint)") from err
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    return checkpoint["state_dict"], {key: value for key, value in record.items() if value is not None}
 
 
 def _check_description(meta: Dict[str, Any], file: Path, backbone: Optional[str], head: str,
@@ -56,9 +62,12 @@ def _check_description(meta: Dict[str, Any], file: Path, backbone: Optional[str]
     clashes = [f"{key} {meta[key]!r} (this run: {value!r})" for key, value in wanted.items()
                if meta.get(key) is not None and value is not None and meta[key] != value]
     if clashes:
-        held = f"converted for experiment={meta['experiment']}" if meta.get("experiment") else "written"
-        raise ValueError(f"weights={file} was {held} and holds {'; '.join(clashes)}; run the experiment it was "
-                         f"converted for, or convert the official file for this one")
+        converted = bool(meta.get("source"))
+        made = "converted for" if converted else "written by a run of"
+        held = f"{made} experiment={meta['experiment']}" if meta.get("experiment") else "written"
+        advice = ("run the experiment it was converted for, or convert the official file for this one" if converted
+                  else "run the model it was written by, or pass weights of this run's model")
+        raise ValueError(f"weights={file} was {held} and holds {'; '.join(clashes)}; {advice}")
     names = meta.get("classes")
     if names and class_names and list(names) != list(class_names):
         first = next(i for i, (a, b) in enumerate(zip(names, class_names)) if a != b) if len(names) == len(
