@@ -436,7 +436,7 @@ def test_validation_of_perfect_keypoints_reaches_ap_1_and_draws_skeletons(pose_d
 
     def annotated(images, center, scale):
         points = torch.tensor([by_center[tuple(np.round(c.numpy(), 3))] for c in center]).view(-1, 17, 3)
-        return points[..., :2], torch.full(points.shape[:2], 0.9)
+        return points[..., :2], torch.where(points[..., 2] > 0, 0.9, 0.0)
 
     monkeypatch.setattr(task, "predict_keypoints", annotated)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
