@@ -121,6 +121,7 @@ def quiet_trainer(root: Path, **kwargs) -> pl.Trainer:
 
 @dataclass
 class Evaluated:
+    name: str
     overrides: list[str]
     batch_key: str
     metrics: dict[int, dict[str, float]]
@@ -152,7 +153,7 @@ def evaluated(request, tmp_path_factory) -> Evaluated:
         assert 0 < metrics[1][key] and (key.endswith("HD95") or metrics[1][key] < 1), (key, metrics[1][key])
     checkpoint = root / "model.ckpt"
     trainer.save_checkpoint(checkpoint)
-    return Evaluated(overrides, case.batch_key, metrics, checkpoint)
+    return Evaluated(request.param, overrides, case.batch_key, metrics, checkpoint)
 
 
 def test_metrics_do_not_depend_on_the_evaluation_batch(evaluated):
@@ -190,3 +191,6 @@ def test_two_processes_score_what_one_does(evaluated, tmp_path):
             assert value == pytest.approx(reference[key], rel=LOSS_RTOL), key
         else:
             assert value == reference[key], key
+    if evaluated.name == "dsc_hd95":  # the per-case table names every case, in dataset order, from both processes
+        rows = (run_dir / "medseg_test_cases.csv").read_text().splitlines()[1:]
+        assert [row.split(",")[0] for row in rows] == ["case0001", "case0002", "case0003"]
