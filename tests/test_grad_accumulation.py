@@ -7,11 +7,12 @@ step, so they must reach the same weights. Every run has layer-wise lr decay, a 
 schedule and an EMA of the weights.
 
 Tolerances: the accumulated gradient is the sum of k float32 micro-batch means divided by k, the large batch
-one float32 mean, so gradient entries differ by rounding (~1e-7 relative). After 10 steps plain SGD carries
-that through linearly (measured max |difference| 1.5e-8, bound 1e-6); Adam divides by sqrt(v) and so amplifies
-it for entries whose gradients are near zero (measured 3.5e-7, bound 1e-5). Both bounds are more than 1000x
-below the weights' total change over the run and below what one wrong step does (``test_the_bound_is_far_below_
-a_real_difference``).
+one float32 mean, so gradient entries differ by rounding (~1e-7 relative). After 10 steps the weights differ by
+at most 1.2e-7 with SGD (one float32 step at weights near 1; 1.5e-8 clipped) and 3.5e-7 with AdamW, which
+divides by sqrt(v) and so amplifies rounding in near-zero gradients (measured on this project's machine). The
+bounds, 1e-5 for SGD and 2e-5 for AdamW, leave room for other CPUs' kernels and are still far below the weights'
+total change over the run (0.38 and 0.018) and what a real error does (0.37 and more, see
+``test_the_bound_is_far_below_a_real_difference``).
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ SGD = ["optimizer._target_=torch.optim.SGD", "~optimizer.betas", "optimizer.lr=0
 OPTIMISERS = {
     # Recipe optimiser: AdamW with clipping (Adam is invariant to the gradient's scale, so it cannot see the
     # loss normalisation; the SGD runs below can).
-    "adamw_clipped": (["trainer.gradient_clip_val=0.1"], 1e-5),
+    "adamw_clipped": (["trainer.gradient_clip_val=0.1"], 2e-5),
     # Plain SGD: a gradient k times too large (a loss not divided by k) moves the weights k times as far.
-    "sgd": (SGD, 1e-6),
+    "sgd": (SGD, 1e-5),
     # SGD with the clip active on every step (gradient norms 2.9-4.7): the clip must act on the accumulated
     # gradient, not on each micro-batch's.
-    "sgd_clipped": ([*SGD, "trainer.gradient_clip_val=0.1"], 1e-6),
+    "sgd_clipped": ([*SGD, "trainer.gradient_clip_val=0.1"], 1e-5),
 }
 
 
