@@ -1,9 +1,9 @@
 """Evaluation does not depend on the evaluation batch size or on the number of processes.
 
 Each task is built from its real config on a fixture in the dataset's real format and scored by its real metric
-code (top-1/top-5, mmseg's mIoU/aAcc/mAcc whole-image and sliding-window, DSC/HD95 per case, COCO mAP) with
-evaluation batches of 1, 3 and 8 in one process; the slow tests then evaluate the same weights through
-``run.py mode=eval`` on 2 CPU processes (DDP, gloo). Every set has an odd number of samples, so a padded
+code (top-1/top-5, mmseg's mIoU/aAcc/mAcc whole-image and sliding-window, DSC/HD95 per case, COCO box mAP, COCO
+keypoint AP) with evaluation batches of 1, 3 and 8 in one process; the slow tests then evaluate the same weights
+through ``run.py mode=eval`` on 2 CPU processes (DDP, gloo). Every set has an odd number of samples, so a padded
 distributed sampler would score one sample twice and move the metrics; all metrics below are dataset-level
 counts or per-sample values gathered in dataset order, so they must match exactly. The only tolerance is for
 the mean loss, whose float32 sum runs in another order on two processes.
@@ -28,6 +28,7 @@ from tests.conftest import compose_config, run_cli
 from tests.dense_fixtures import make_ade20k, make_coco
 from tests.fixtures import make_fashion_mnist
 from tests.medical_fixtures import make_synapse
+from tests.pose_fixtures import make_coco_keypoints
 
 EVAL_BATCHES = (1, 3, 8)
 LOSS_RTOL = 1e-5
@@ -103,6 +104,13 @@ def detection_data(root: Path) -> list[str]:
             "data.num_workers=0", "head.min_size=64", "head.max_size=128", "head.fpn_channels=16"]
 
 
+def pose_data(root: Path) -> list[str]:
+    data = make_coco_keypoints(root / "coco", n_val=4)  # 7 person crops from the released-detections file
+    return ["experiment=coco_pose_hrvmamba_tiny_256x192", "backbone=test_hrvmamba", f"data.root={data}",
+            "data.input_size=[64,48]", "data.batch_size=4", "data.num_workers=0", "trainer.accumulate_grad_batches=1",
+            "optimizer.lr=2e-3", "scheduler.warmup_steps=0"]
+
+
 CASES = {
     "top1": EvalCase(classification_data, "data.batch_size", nontrivial=("test/acc",)),
     "miou_whole_mixed_sizes": EvalCase(segmentation_data(True, "whole"), "data.val_batch_size", fit_steps=40,
@@ -111,6 +119,7 @@ CASES = {
                                     nontrivial=("test/mIoU", "test/aAcc")),
     "dsc_hd95": EvalCase(medical_data, "task.eval_batch_size", nontrivial=("test/DSC", "test/HD95")),
     "coco_map": EvalCase(detection_data, "data.val_batch_size", nontrivial=("test/bbox_mAP", "test/bbox_AR_100")),
+    "keypoint_ap": EvalCase(pose_data, "data.val_batch_size", fit_steps=150, nontrivial=("test/AP", "test/AR")),
 }
 
 
