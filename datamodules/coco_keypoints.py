@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .ade20k import MEAN_255, STD_255
 from .coco import load_coco_json
+from .evaluation import evaluation_loader
 from .keypoint_transforms import (
     apply_affine,
     box_to_center_scale,
@@ -359,7 +360,7 @@ class COCOKeypointsDataModule(ResumableTrainData, pl.LightningDataModule):
         return self.resumable_loader(self.datasets["train"], **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, **self._loader_kwargs())
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -153,7 +153,7 @@ class PoseTask(BackboneHeadTask):
         self.predictions["test"] = []
 
     def _gathered(self, stage: str) -> list[dict]:
-        """Every process's predictions (duplicates from padded distributed sampling are dropped later)."""
+        """Every process's predictions, in rank order (the evaluation loaders shard the set without repeats)."""
         predictions = self.predictions[stage]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Optional[list[dict]]] = [None] * dist.get_world_size()
