@@ -27,7 +27,6 @@ import concurrent.futures
 import ctypes
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil

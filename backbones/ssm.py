@@ -25,7 +25,11 @@ Backends:
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, wrapped as the ``torch.library`` custom op
   ``mambalab::selective_scan_cuda`` (with a fake implementation, so compile/export can trace it);
   only for CUDA tensors and only when the package imports.
-- ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable, else ``torch``.
+- ``fused``: our fused CPU kernel (``backbones.kernel``, custom op ``mambalab::selective_scan_cpu``),
+  forward and backward; only for CPU tensors and only once built (``python -m backbones.kernel build``,
+  which ``make install`` runs where a C++ compiler exists). float64 inputs take the ``torch`` path.
+- ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable; ``fused`` for CPU tensors when it is built
+  (except while ``torch.onnx.export`` traces: ONNX has no such op); else ``torch``.
 
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
 at least float32 (float64 inputs stay float64, so gradcheck is exact); the output is returned in the
@@ -42,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "reference", "mamba_ssm")
+from . import kernel as fused_kernel
+
+BACKENDS = ("auto", "torch", "reference", "mamba_ssm", "fused")
 
 CHUNK_LEN = 64
 """Tokens per chunk of the chunked scan: long enough to amortise the per-chunk work, short enough
@@ -73,7 +79,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "mamba_ssm" if device.type == "cuda" and mamba_ssm_status()[0] is not None else "torch"
+        if device.type == "cuda":
+            return "mamba_ssm" if mamba_ssm_status()[0] is not None else "torch"
+        if device.type == "cpu" and fused_kernel.available() and not torch.onnx.is_in_onnx_export():
+            return "fused"
+        return "torch"
+    if backend == "fused":
+        if not fused_kernel.available():
+            raise RuntimeError(f"scan backend 'fused' was requested but cannot run: {fused_kernel.status().reason}")
+        if device.type != "cpu":
+            raise RuntimeError(f"scan backend 'fused' needs CPU tensors, got tensors on {device}")
     if backend == "mamba_ssm":
         kernel, reason = mamba_ssm_status()
         if kernel is None:
@@ -595,9 +610,19 @@ def _scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return out.to(u.dtype)
 
 
+# ----------------------------------------------------------------------------- fused CPU kernel
+
+
+def _scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if u.dtype == torch.float64:  # the kernel computes in float32; float64 callers (gradcheck) want float64
+        return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return fused_kernel.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
 # ----------------------------------------------------------------------------- public entry points
 
-_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm}
+_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm,
+                    "fused": _scan_fused}
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,

@@ -80,12 +80,33 @@ class BiMambaMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        routes = self.pattern.scan(x.transpose(1, 2))
-        batch, num_routes, channels, _ = routes.shape
-        routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
-        routes = self.act(routes).view(batch, num_routes, channels, length)
-        y = self.pattern.merge(self.ssm(routes), (length,))
+        if self.ssm.uses_fused_routes(x):
+            y = self.ssm.forward_pixels(self._conv_in_token_order(x.transpose(1, 2)), self.pattern, per_route=True)
+        else:
+            routes = self.pattern.scan(x.transpose(1, 2))
+            batch, num_routes, channels, _ = routes.shape
+            routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
+            routes = self.act(routes).view(batch, num_routes, channels, length)
+            y = self.pattern.merge(self.ssm(routes), (length,))
         return self.out_proj(y.transpose(1, 2) * F.silu(z))
+
+    def _conv_in_token_order(self, x: Tensor) -> Tensor:
+        """Both directions' conv + act, in token order, for the fused kernel: (batch, d, L) -> (batch, 2, d, L).
+
+        The backward direction's causal conv over the reversed sequence is, in token order, an anti-causal
+        conv with the flipped kernel; one depthwise conv with two outputs per channel (forward kernel,
+        flipped backward kernel) over the sequence padded on both sides gives both, and direction k is the
+        strided view of output channels 2i + k shifted by k * (d_conv - 1) tokens (no copies).
+        """
+        batch, channels, length = x.shape
+        width = self.conv1d.kernel_size[0]
+        weight = self.conv1d.weight.view(2, channels, 1, width)
+        weight = torch.stack((weight[0], weight[1].flip(-1)), dim=1).flatten(0, 1)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.view(2, channels).t().flatten()
+        out = self.act(F.conv1d(F.pad(x, (width - 1, width - 1)), weight, bias, groups=channels))
+        step = out.stride(1)
+        return out.as_strided((batch, 2, channels, length), (out.stride(0), step + width - 1, 2 * step, 1),
+                              out.storage_offset())
 
 
 class VimBlock(nn.Module):

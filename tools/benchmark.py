@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import backbones
+from backbones import kernel as fused_kernel
 from backbones import ssm
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224",
@@ -124,30 +125,45 @@ def child_peak_memory(probe: dict) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def wrap_scan(wrapper: Callable[[Callable], Callable]) -> Iterator[None]:
-    """Replace ``selective_scan`` wherever the backbone modules imported it, for the duration."""
-    original = ssm.selective_scan
-    wrapped = wrapper(original)
-    patched = [mod for name, mod in list(sys.modules.items())
-               if name.startswith("backbones") and getattr(mod, "selective_scan", None) is original]
-    for mod in patched:
-        mod.selective_scan = wrapped
+def wrap_scan(wrapper: Callable[[Callable, bool], Callable]) -> Iterator[None]:
+    """Replace the scan entry points wherever the backbone modules imported them, for the duration.
+
+    ``wrapper(scan, routed)`` gets ``backbones.ssm.selective_scan`` (routed=False) and the fused kernel's
+    route-aware ``backbones.kernel.scan_routes`` (routed=True, the SS2D/Vim path when the kernel runs).
+    """
+    originals = {"selective_scan": (ssm.selective_scan, False), "scan_routes": (fused_kernel.scan_routes, True)}
+    patched = []
+    for attribute, (original, routed) in originals.items():
+        wrapped = wrapper(original, routed)
+        for name, mod in list(sys.modules.items()):
+            if name.startswith("backbones") and getattr(mod, attribute, None) is original:
+                setattr(mod, attribute, wrapped)
+                patched.append((mod, attribute, original))
     try:
         yield
     finally:
-        for mod in patched:
-            mod.selective_scan = original
+        for mod, attribute, original in patched:
+            setattr(mod, attribute, original)
+
+
+def _scan_size(u: Tensor, delta: Tensor, A: Tensor, routed: bool, table: Optional[Tensor]) -> tuple[int, int, int]:
+    """(batch, length, channels over all routes) of one scan call."""
+    if not routed:
+        return u.shape[0], u.shape[2], u.shape[1]
+    length = delta.shape[3] if table is None else table.shape[1]
+    return delta.shape[0], length, A.shape[0]
 
 
 def scan_flops_of(model: torch.nn.Module, images: Tensor) -> int:
     """Sum of 9*B*L*D*N (+D, z terms) over the scans of one forward."""
     total = 0
 
-    def wrapper(scan: Callable) -> Callable:
+    def wrapper(scan: Callable, routed: bool) -> Callable:
         def counting(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
             nonlocal total
-            total += ssm.selective_scan_flops(u.shape[0], u.shape[2], u.shape[1], A.shape[1],
-                                              with_D=D is not None, with_z=z is not None)
+            batch, length, channels = _scan_size(u, delta, A, routed, kwargs.get("table"))
+            total += ssm.selective_scan_flops(batch, length, channels, A.shape[1], with_D=D is not None,
+                                              with_z=z is not None)
             return scan(u, delta, A, B, C, D, z, *args, **kwargs)
         return counting
 
@@ -156,12 +172,21 @@ def scan_flops_of(model: torch.nn.Module, images: Tensor) -> int:
     return total
 
 
-def stub_scan(scan: Callable) -> Callable:
+def stub_scan(scan: Callable, routed: bool) -> Callable:
     """The scan replaced by its skip term y = D*u (gated by z): what the model costs without a scan."""
     def stub(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
         y = u * D.to(u.dtype)[:, None] if D is not None else u.clone()
         return y * F.silu(z) if z is not None else y
-    return stub
+
+    def routed_stub(u, delta, A, B, C, D=None, z=None, *args, table=None, merged=True, **kwargs):
+        batch, routes, channels, positions = delta.shape
+        skip = (D if D is not None else A.new_ones(A.shape[0])).to(delta.dtype).view(routes, channels, 1)
+        if merged:  # every route's skip term, back at its pixels (up to the merge weight)
+            return (u if u.dim() == 3 else u.mean(1)) * skip.sum(0)
+        length = positions if table is None else table.shape[1]
+        return skip.expand(batch, routes, channels, length).clone()
+
+    return routed_stub if routed else stub
 
 
 # ----------------------------------------------------------------------------- models
@@ -386,7 +411,7 @@ def run_profile(args: argparse.Namespace, device: torch.device) -> dict:
     steps = make_steps(model, images, None)
     inside = []
 
-    def timing(scan: Callable) -> Callable:
+    def timing(scan: Callable, routed: bool) -> Callable:
         def timed_scan(*a, **k):
             synchronize(device)
             start = time.perf_counter()
