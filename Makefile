@@ -23,7 +23,9 @@ MMCV_WHEEL := $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.wh
 
 .PHONY: install mm demo test test-slow test-all lint clean
 
-install: $(STAMP)
+KERNEL := backbones/_kernels/manifest.json
+
+install: $(STAMP) $(KERNEL)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(TORCH_PINS)
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
+
+# The fused CPU selective-scan kernel, where a C++ compiler exists (without one the pure-PyTorch scan runs;
+# `python -m tools.doctor` says which). Rebuilt when its source changes.
+$(KERNEL): backbones/csrc/selective_scan.cpp $(STAMP)
+	$(PY) -m backbones.kernel build --skip-without-compiler
 
 # Optional OpenMMLab stack (mmdet/mmseg integration): the prebuilt mmcv wheel where it exists.
 mm: $(STAMP)
@@ -50,20 +57,20 @@ $(FASHION_MNIST):
 		echo "Fashion-MNIST: no apt-get as root here; run.py will look in data/ or use torchvision's downloader"; \
 	fi
 
-demo: $(STAMP) $(FASHION_MNIST)
+demo: install $(FASHION_MNIST)
 	$(PY) run.py
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: install
 	$(PY) -m pytest -m slow
 
-test-all: $(STAMP)
+test-all: install
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache
+	rm -rf $(VENV) logs .pytest_cache backbones/_kernels

@@ -106,13 +106,14 @@ def _compile(compiler: str, flags: list[str], width: int, openmp: Optional[str],
 
 
 def build(levels: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
-    """Compile the kernel for ``levels`` (default: every level of this architecture) into BUILD_DIR."""
+    """Compile the kernel for ``levels`` (default: every level of this architecture; the baseline level is
+    always built) into BUILD_DIR."""
     compiler = find_compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++/clang++); the pure-PyTorch scan "
                            "will be used")
     known = isa_levels()
-    levels = list(levels or known)
+    levels = list(dict.fromkeys([*(levels or known), "baseline"]))  # baseline also answers "which level runs here"
     unknown = [name for name in levels if name not in known]
     if unknown:
         raise ValueError(f"unknown ISA level(s) {unknown}; this {platform.machine()} machine has {list(known)}")
@@ -476,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build_cmd = sub.add_parser("build", help="compile the kernel for this machine's ISA levels")
     build_cmd.add_argument("--isa", action="append", choices=list(isa_levels()),
-                           help="build only this level (repeatable); default: all")
+                           help="build only this level and the baseline (repeatable); default: all")
     build_cmd.add_argument("--skip-without-compiler", action="store_true",
                            help="exit successfully (with a note) when no C++ compiler is installed")
     sub.add_parser("status", help="say which kernel this process would use, and why")

@@ -13,9 +13,10 @@ Three modes (all in one process, interleaved, with the baseline measured in the 
 
 ``python -m tools.benchmark --scan``
     Micro-benchmark of the scan formulations (chunked, odd/even, time-major unbind loop, our
-    sequential reference, the mamba-ssm-style indexed loop, and mamba-ssm's kernel on CUDA) on
-    VMamba-T stage-1 shapes: forward and forward+backward time, and peak memory as a multiple of
-    the (batch, channels, d_state, length) fp32 state history.
+    sequential reference, the mamba-ssm-style indexed loop, mamba-ssm's kernel on CUDA and our fused
+    CPU kernel where it is built) on VMamba-T stage-1 shapes (or ``--scan-shapes``): forward and
+    forward+backward time, and peak memory as a multiple of the (batch, channels, d_state, length)
+    fp32 state history.
 
 ``python -m tools.benchmark --profile vmamba_tiny_s1l8``
     Where a model's time goes: forward and training step with the real scan vs with the scan
@@ -53,8 +54,8 @@ from backbones import ssm
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224",
                   "resnet50")
 DEFAULT_SCAN_SHAPES = ("2x768x3136x1", "8x768x3136x1", "1x768x3136x16", "2x768x3136x16")
-SCAN_FORMULATIONS = ("chunked", "oddeven", "unbind", "sequential", "mamba_ref", "mamba_ssm")
-DEFAULT_FORMULATIONS = ("chunked", "oddeven", "unbind")
+SCAN_FORMULATIONS = ("chunked", "oddeven", "unbind", "sequential", "mamba_ref", "mamba_ssm", "fused")
+DEFAULT_FORMULATIONS = ("chunked", "oddeven", "unbind", "fused")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -345,7 +346,16 @@ def _mamba_style_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 def scan_formulation(name: str) -> Callable:
     return {"chunked": ssm.scan_chunked, "oddeven": ssm.scan_oddeven, "unbind": _timemajor_unbind,
             "sequential": ssm.scan_sequential, "mamba_ref": _mamba_style_reference,
-            "mamba_ssm": ssm._scan_mamba_ssm}[name]
+            "mamba_ssm": ssm._scan_mamba_ssm, "fused": fused_kernel.selective_scan}[name]
+
+
+def runnable(name: str, device: torch.device) -> bool:
+    """Whether formulation ``name`` can run on ``device`` here (the kernels need their device and build)."""
+    if name == "mamba_ssm":
+        return device.type == "cuda"
+    if name == "fused":
+        return device.type == "cpu" and fused_kernel.available()
+    return True
 
 
 def scan_call(name: str, inputs: dict, mode: str) -> Callable[[], None]:
@@ -362,21 +372,23 @@ def scan_call(name: str, inputs: dict, mode: str) -> Callable[[], None]:
     return call
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
+def parse_shape(text: str) -> tuple[int, ...]:
+    """batch x channels x length x d_state [x routes (B/C groups, default 4)]."""
     parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"scan shape {text!r} must be batch x channels x length x d_state")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"scan shape {text!r} must be batch x channels x length x d_state "
+                                         "[x routes]")
     return parts
 
 
 def run_scan(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for shape in args.scan_shapes:
-        batch, channels, length, d_state = shape
-        inputs = scan_inputs(*shape, device)
+        batch, channels, length, d_state = shape[:4]
+        inputs = scan_inputs(*shape[:4], device, *shape[4:])
         history = batch * channels * length * d_state * 4
         for mode in args.scan_modes:
-            names = [n for n in args.formulations if not (n == "mamba_ssm" and device.type != "cuda")]
+            names = [n for n in args.formulations if runnable(n, device)]
             calls = {n: scan_call(n, inputs, mode) for n in names}
             for call in calls.values():
                 call()
@@ -543,7 +555,8 @@ def probe(spec: dict) -> float:
         if spec["compile"]:
             call()  # compile first: the peak of interest is the compiled step's
     else:
-        call = scan_call(spec["name"], scan_inputs(*spec["shape"], device), spec["mode"])
+        shape = spec["shape"]
+        call = scan_call(spec["name"], scan_inputs(*shape[:4], device, *shape[4:]), spec["mode"])
     before = reset_peak_rss()
     call()
     return float(peak_rss_bytes() - before)
@@ -583,7 +596,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     parser.add_argument("--scan-shapes", type=lambda s: [parse_shape(p) for p in csv_list(s)],
                         default=[parse_shape(s) for s in DEFAULT_SCAN_SHAPES],
-                        help="--scan: batch x channels x length x d_state list; default: "
+                        help="--scan: batch x channels x length x d_state [x routes] list; default: "
                              + ",".join(DEFAULT_SCAN_SHAPES))
     parser.add_argument("--formulations", type=csv_list, default=list(DEFAULT_FORMULATIONS),
                         help=f"--scan: any of {','.join(SCAN_FORMULATIONS)} (mamba_ref's backward is quadratic "

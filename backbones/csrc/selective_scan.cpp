@@ -43,8 +43,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__SSE2__)
-#include <xmmintrin.h>
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 #ifndef MLS_WIDTH
@@ -139,6 +141,24 @@ inline vf vexp2(vf x) {
 
 inline vf vexp(vf x) { return vexp2(x * kLog2e); }
 
+// 1 / x from the hardware's reciprocal estimate refined by Newton steps (error ~1 ulp); a division costs
+// several times more and each step of the scan needs one or two.
+inline vf vrcp(vf x) {
+#if MLS_WIDTH == 16 && defined(__AVX512F__)
+    vf r = (vf)_mm512_rcp14_ps((__m512)x);  // 14 bits
+#elif MLS_WIDTH == 8 && defined(__AVX__)
+    vf r = (vf)_mm256_rcp_ps((__m256)x);    // 12 bits
+#elif MLS_WIDTH == 4 && defined(__SSE__)
+    vf r = (vf)_mm_rcp_ps((__m128)x);       // 12 bits
+#elif MLS_WIDTH == 4 && defined(__ARM_NEON)
+    vf r = (vf)vrecpeq_f32((float32x4_t)x);  // 8 bits
+    r = r * (2.0f - x * r);
+#else
+    return 1.0f / x;
+#endif
+    return r * (2.0f - x * r);
+}
+
 inline vf vabs(vf x) {
     return (vf)((vi)x & 0x7fffffff);
 }
@@ -148,7 +168,7 @@ inline vf vabs(vf x) {
 // Optionally also sigmoid(x), the derivative, from the same exp.
 inline vf vsoftplus(vf x, vf* sigmoid = nullptr) {
     const vf e = vexp(-vabs(x));
-    const vf s = e / (2.0f + e);
+    const vf s = e * vrcp(2.0f + e);
     const vf s2 = s * s;
     vf p = splat(2.0f / 13.0f);
     p = p * s2 + 2.0f / 11.0f;
@@ -158,13 +178,13 @@ inline vf vsoftplus(vf x, vf* sigmoid = nullptr) {
     p = p * s2 + 2.0f / 3.0f;
     const vf log1p_e = 2.0f * s + s * s2 * p;
     if (sigmoid) {
-        const vf r = 1.0f / (1.0f + e);
+        const vf r = vrcp(1.0f + e);
         *sigmoid = x >= 0.0f ? r : e * r;
     }
     return vmax(x, splat(0.0f)) + log1p_e;
 }
 
-inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vf vsigmoid(vf x) { return vrcp(1.0f + vexp(-x)); }
 
 // In-place transpose of a W x W block held as W vectors (log2(W) rounds of interleaving row p with row
 // p + W/2).
@@ -274,6 +294,26 @@ void store_block(const View& v, const Block& block, const vf* in, bool add) {
     }
 }
 
+// Ask for the cache lines of steps t0..t0+T-1 ahead of use: with one stream per channel row (channel-major
+// data) or a route that jumps across the map, the hardware prefetchers cannot follow on their own.
+void prefetch_steps(const View& v, const int32_t* route_table, int64_t t0, int64_t T, bool write) {
+    if (!v.base) return;
+    if (v.channel == 1) {
+        for (int64_t t = t0; t < t0 + T; ++t) {
+            const int64_t pos = route_table ? route_table[t] : t;
+            if (pos >= 0) write ? __builtin_prefetch(v.base + pos * v.pos, 1) : __builtin_prefetch(v.base + pos * v.pos);
+        }
+    } else if (v.pos == 1) {
+        for (int64_t t = t0; t < t0 + T; t += 16) {
+            const int64_t pos = route_table ? route_table[t] : t;
+            if (pos < 0) continue;
+            for (int j = 0; j < v.lanes; ++j)
+                write ? __builtin_prefetch(v.base + j * v.channel + pos, 1)
+                      : __builtin_prefetch(v.base + j * v.channel + pos);
+        }
+    }
+}
+
 void zero_positions(const View& v, int64_t positions) {
     for (int64_t p = 0; p < positions; ++p) {
         float* dst = v.base + p * v.pos;
@@ -360,8 +400,17 @@ inline void step_sizes(const mls_problem& p, const vf* raw, vf bias, int T, vf* 
     }
 }
 
+// out[0..n) += the lane sums of v[0..n), n a multiple of W (v is overwritten).
+inline void add_lane_sums(vf* v, int n, float* out) {
+    for (int g = 0; g < n; g += W) store(out + g, load(out + g) + sum_lanes(v + g));
+}
+
 template <int NS>  // NS = d_state known at compile time, or 0 for any
 struct Scan {
+    // dB/dC products are summed over the lanes right away when the states fill whole vectors, else
+    // collected per chunk and summed W at a time
+    static constexpr bool kDirect = NS > 0 && NS % W == 0;
+
     static int states(const mls_problem& p) { return NS ? NS : int(p.d_state); }
 
     // Forward over one route of one channel tile; y gets this route's output (added when `add_y`).
@@ -391,6 +440,13 @@ struct Scan {
                     if (lanes == W) store(dst + n * p.channels, hn);
                     else for (int j = 0; j < lanes; ++j) dst[n * p.channels + j] = hn[j];
                 }
+            }
+            const int64_t ahead = t0 + 2 * W, ahead_T = std::min<int64_t>(W, p.length - ahead);
+            if (ahead_T > 0) {
+                prefetch_steps(u, table, ahead, ahead_T, false);
+                prefetch_steps(delta, table, ahead, ahead_T, false);
+                if (p.z.data) prefetch_steps(z, table, ahead, ahead_T, false);
+                prefetch_steps(y, p.merged ? table : nullptr, ahead, ahead_T, true);
             }
             make_block(table, t0, T, block);
             load_block(u, block, ub);
@@ -481,6 +537,15 @@ struct Scan {
                 for (int i = i0; i < i0 + Tb; ++i) gyb[i] *= gy_scale;
                 if (has_z) load_block(z, block, zb + i0);
             }
+            if (chunk > 0) {  // the chunk before this one is next: fetch its inputs and outputs meanwhile
+                const int64_t prev = t0 - Q;
+                prefetch_steps(u, table, prev, Q, false);
+                prefetch_steps(delta, table, prev, Q, false);
+                prefetch_steps(gy, p.merged ? table : nullptr, prev, Q, false);
+                if (has_z) prefetch_steps(z, table, prev, Q, false);
+                prefetch_steps(du, table, prev, Q, true);
+                prefetch_steps(ddelta, table, prev, Q, true);
+            }
             // recompute the chunk's states and decays from its checkpoint
             const float* start = s.state_at(b, k, chunk, c0);
             for (int n = 0; n < N; ++n) {
@@ -508,8 +573,14 @@ struct Scan {
                     gv *= zv * sig;
                 }
                 gb[i] = gv;
-                vf* pc = prodC + i * N;
-                for (int n = 0; n < N; ++n) pc[n] = gv * hh[n];
+                if (kDirect) {
+                    vf pc[NS ? NS : 1];
+                    for (int n = 0; n < N; ++n) pc[n] = gv * hh[n];
+                    add_lane_sums(pc, N, pC + (t0 + i) * N);
+                } else {
+                    vf* pc = prodC + i * N;
+                    for (int n = 0; n < N; ++n) pc[n] = gv * hh[n];
+                }
             }
             // adjoint sweep backwards through the chunk
             vf dA_chunk[NS ? NS : 1];
@@ -521,7 +592,8 @@ struct Scan {
                 const vf gv = gb[i], dtv = dtb[i], uv = ub[i], dtu = dtv * uv;
                 const vf* hp = i ? hist_h + (i - 1) * N : h;
                 const vf* ha = hist_a + i * N;
-                vf* pb = prodB + i * N;
+                vf direct[kDirect ? NS : 1];
+                vf* pb = kDirect ? direct : prodB + i * N;
                 vf sum_lb = splat(0.0f), ddt = splat(0.0f);
                 if (NS) {
 #pragma GCC unroll 16
@@ -545,6 +617,7 @@ struct Scan {
                         carry[n] = lam * ha[n];
                     }
                 }
+                if (kDirect) add_lane_sums(pb, N, pB + (t0 + i) * N);
                 dub[i] = gv * Dv + dtv * sum_lb;
                 ddt += uv * sum_lb;
                 dD_chunk += gv * uv;
@@ -561,7 +634,7 @@ struct Scan {
                 if (has_z) store_block(dz, block, dzb + i0, g.accumulate);
             }
             // dB, dC: sum each (step, state) product over the lanes, W products at a time
-            const int64_t count = int64_t(T) * N;
+            const int64_t count = kDirect ? 0 : int64_t(T) * N;
             for (int n = 0; n < W; ++n) prodB[count + n] = prodC[count + n] = splat(0.0f);
             for (int64_t s0 = 0; s0 < count; s0 += W) {
                 const vf sb = sum_lanes(prodB + s0), sc = sum_lanes(prodC + s0);
