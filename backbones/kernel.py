@@ -60,7 +60,7 @@ def isa_levels() -> dict[str, tuple[int, list[str], int]]:
 
 def chunk_length(d_state: int) -> int:
     """Steps between saved states: the backward keeps ~2 * chunk * d_state * 16 floats per thread in cache."""
-    return 64 if d_state <= 8 else 32
+    return 512 if d_state <= 2 else 128 if d_state <= 8 else 32
 
 
 # ----------------------------------------------------------------------------- build

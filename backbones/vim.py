@@ -81,7 +81,7 @@ class BiMambaMixer(nn.Module):
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
         if self.ssm.uses_fused_routes(x):
-            y = self.ssm.forward_pixels(self._conv_in_token_order(x.transpose(1, 2)), self.pattern, per_route=True)
+            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape
@@ -91,22 +91,24 @@ class BiMambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2) * F.silu(z))
 
     def _conv_in_token_order(self, x: Tensor) -> Tensor:
-        """Both directions' conv + act, in token order, for the fused kernel: (batch, d, L) -> (batch, 2, d, L).
+        """Both directions' conv + act in token order, for the fused kernel: (batch, L, d) -> (batch, 2, d, L).
 
         The backward direction's causal conv over the reversed sequence is, in token order, an anti-causal
-        conv with the flipped kernel; one depthwise conv with two outputs per channel (forward kernel,
-        flipped backward kernel) over the sequence padded on both sides gives both, and direction k is the
-        strided view of output channels 2i + k shifted by k * (d_conv - 1) tokens (no copies).
+        conv with the flipped kernel. Both are d_conv multiply-adds of shifted token windows: direction 0
+        reads the sequence padded on the left, direction 1 the sequence padded on the right. Computed on
+        channels-last tokens, so the result keeps channels innermost, as the kernel reads them.
         """
-        batch, channels, length = x.shape
+        length, channels = x.shape[1:]
         width = self.conv1d.kernel_size[0]
-        weight = self.conv1d.weight.view(2, channels, 1, width)
-        weight = torch.stack((weight[0], weight[1].flip(-1)), dim=1).flatten(0, 1)
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.view(2, channels).t().flatten()
-        out = self.act(F.conv1d(F.pad(x, (width - 1, width - 1)), weight, bias, groups=channels))
-        step = out.stride(1)
-        return out.as_strided((batch, 2, channels, length), (out.stride(0), step + width - 1, 2 * step, 1),
-                              out.storage_offset())
+        padded = torch.stack((F.pad(x, (0, 0, width - 1, 0)), F.pad(x, (0, 0, 0, width - 1))), dim=2)
+        weight = self.conv1d.weight.view(2, channels, width)
+        taps = torch.stack((weight[0], weight[1].flip(-1))).permute(2, 0, 1).contiguous()  # (tap, direction, channel)
+        out = padded[:, :length] * taps[0]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.view(2, channels)
+        for tap in range(1, width):
+            out = torch.addcmul(out, padded[:, tap:tap + length], taps[tap])
+        return self.act(out).permute(0, 2, 3, 1)
 
 
 class VimBlock(nn.Module):

@@ -194,9 +194,11 @@ def stub_scan(scan: Callable, routed: bool) -> Callable:
 
 
 def build_model(name: str, device: torch.device) -> torch.nn.Module:
+    """A timm model; ``ours:backend`` (e.g. ``vmamba_tiny_s1l8:torch``) picks our model's scan backend."""
     import timm
 
-    kwargs = {"scan_backend": "auto"} if name in backbones.list_backbones() else {}
+    name, _, backend = name.partition(":")
+    kwargs = {"scan_backend": backend or "auto"} if name in backbones.list_backbones() else {}
     return timm.create_model(name, **kwargs).to(device)
 
 
@@ -577,7 +579,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     mode.add_argument("--profile", metavar="MODEL", help="profile where MODEL's time goes (scan share)")
     mode.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--models", type=csv_list, default=list(DEFAULT_MODELS),
-                        help="comma-separated timm names (ours or timm's); default: %(default)s")
+                        help="comma-separated timm names (ours or timm's; ours may end in :torch, :fused, ... to "
+                             "force a scan backend); default: %(default)s")
     parser.add_argument("--baseline", default="convnext_tiny", help="model the ratios refer to (added if missing)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default: each model's)")

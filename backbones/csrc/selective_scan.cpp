@@ -122,22 +122,31 @@ inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
-// 2^x with a degree-6 polynomial on the rounded-off fraction (relative error < 1e-7). The argument is
-// clamped to [-125, 127], so the result is always a normal float (2^-125 stands in for 0).
-inline vf vexp2(vf x) {
-    x = vmin(vmax(x, splat(-125.0f)), splat(127.0f));
-    const vf rounded = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-    const vf f = x - rounded;                             // in [-0.5, 0.5]
+// 2^f for f in [-0.5, 0.5], degree-6 polynomial (relative error < 1e-7).
+inline vf exp2_fraction(vf f) {
     vf p = splat(1.5345809515565634e-4f);
     p = p * f + 1.3399930903688073e-3f;
     p = p * f + 9.618489071726799e-3f;
     p = p * f + 5.550328642129898e-2f;
     p = p * f + 2.4022646248340607e-1f;
     p = p * f + 6.931471824645996e-1f;
-    p = p * f + 1.0f;
-    const vi scale = (__builtin_convertvector(rounded, vi) + 127) << 23;
-    return p * (vf)scale;
+    return p * f + 1.0f;
 }
+
+// 2^x: 2^round(x) times the polynomial of the rest.
+#if MLS_WIDTH == 16 && defined(__AVX512F__)
+inline vf vexp2(vf x) {  // vscalefps saturates to 0 / inf by itself (subnormals are flushed, see FlushDenormals)
+    const vf rounded = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp2_fraction(x - rounded), (__m512)rounded);
+}
+#else
+inline vf vexp2(vf x) {  // the argument is clamped to [-125, 127], so the result is a normal float
+    x = vmin(vmax(x, splat(-125.0f)), splat(127.0f));
+    const vf rounded = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+    const vi scale = (__builtin_convertvector(rounded, vi) + 127) << 23;
+    return exp2_fraction(x - rounded) * (vf)scale;
+}
+#endif
 
 inline vf vexp(vf x) { return vexp2(x * kLog2e); }
 
@@ -295,21 +304,22 @@ void store_block(const View& v, const Block& block, const vf* in, bool add) {
 }
 
 // Ask for the cache lines of steps t0..t0+T-1 ahead of use: with one stream per channel row (channel-major
-// data) or a route that jumps across the map, the hardware prefetchers cannot follow on their own.
-void prefetch_steps(const View& v, const int32_t* route_table, int64_t t0, int64_t T, bool write) {
+// data), a route that jumps across the map or a backward walk, the hardware prefetchers cannot follow.
+// `near`: into L1 (the next blocks), else into L2 (the next chunk, a whole chunk's work ahead).
+template <bool write, bool near>
+void prefetch_steps(const View& v, const int32_t* route_table, int64_t t0, int64_t T) {
+    constexpr int locality = near ? 3 : 2;
     if (!v.base) return;
     if (v.channel == 1) {
         for (int64_t t = t0; t < t0 + T; ++t) {
             const int64_t pos = route_table ? route_table[t] : t;
-            if (pos >= 0) write ? __builtin_prefetch(v.base + pos * v.pos, 1) : __builtin_prefetch(v.base + pos * v.pos);
+            if (pos >= 0) __builtin_prefetch(v.base + pos * v.pos, write, locality);
         }
     } else if (v.pos == 1) {
         for (int64_t t = t0; t < t0 + T; t += 16) {
             const int64_t pos = route_table ? route_table[t] : t;
             if (pos < 0) continue;
-            for (int j = 0; j < v.lanes; ++j)
-                write ? __builtin_prefetch(v.base + j * v.channel + pos, 1)
-                      : __builtin_prefetch(v.base + j * v.channel + pos);
+            for (int j = 0; j < v.lanes; ++j) __builtin_prefetch(v.base + j * v.channel + pos, write, locality);
         }
     }
 }
@@ -443,10 +453,10 @@ struct Scan {
             }
             const int64_t ahead = t0 + 2 * W, ahead_T = std::min<int64_t>(W, p.length - ahead);
             if (ahead_T > 0) {
-                prefetch_steps(u, table, ahead, ahead_T, false);
-                prefetch_steps(delta, table, ahead, ahead_T, false);
-                if (p.z.data) prefetch_steps(z, table, ahead, ahead_T, false);
-                prefetch_steps(y, p.merged ? table : nullptr, ahead, ahead_T, true);
+                prefetch_steps<false, true>(u, table, ahead, ahead_T);
+                prefetch_steps<false, true>(delta, table, ahead, ahead_T);
+                if (p.z.data) prefetch_steps<false, true>(z, table, ahead, ahead_T);
+                prefetch_steps<true, true>(y, p.merged ? table : nullptr, ahead, ahead_T);
             }
             make_block(table, t0, T, block);
             load_block(u, block, ub);
@@ -521,9 +531,18 @@ struct Scan {
         for (int64_t chunk = s.nchunks - 1; chunk >= 0; --chunk) {
             const int64_t t0 = chunk * Q;
             const int T = int(std::min<int64_t>(Q, L - t0));
-            // inputs of the chunk
+            // inputs of the chunk; meanwhile the same steps of the chunk before (next in line) go to L2
             for (int i0 = 0; i0 < T; i0 += W) {
                 const int Tb = std::min(W, T - i0);
+                if (chunk > 0) {
+                    const int64_t prev = t0 - Q + i0;
+                    prefetch_steps<false, false>(u, table, prev, W);
+                    prefetch_steps<false, false>(delta, table, prev, W);
+                    prefetch_steps<false, false>(gy, p.merged ? table : nullptr, prev, W);
+                    if (has_z) prefetch_steps<false, false>(z, table, prev, W);
+                    prefetch_steps<true, false>(du, table, prev, W);
+                    prefetch_steps<true, false>(ddelta, table, prev, W);
+                }
                 make_block(table, t0 + i0, Tb, block);
                 load_block(u, block, ub + i0);
                 load_block(delta, block, raw);
@@ -536,15 +555,6 @@ struct Scan {
                 }
                 for (int i = i0; i < i0 + Tb; ++i) gyb[i] *= gy_scale;
                 if (has_z) load_block(z, block, zb + i0);
-            }
-            if (chunk > 0) {  // the chunk before this one is next: fetch its inputs and outputs meanwhile
-                const int64_t prev = t0 - Q;
-                prefetch_steps(u, table, prev, Q, false);
-                prefetch_steps(delta, table, prev, Q, false);
-                prefetch_steps(gy, p.merged ? table : nullptr, prev, Q, false);
-                if (has_z) prefetch_steps(z, table, prev, Q, false);
-                prefetch_steps(du, table, prev, Q, true);
-                prefetch_steps(ddelta, table, prev, Q, true);
             }
             // recompute the chunk's states and decays from its checkpoint
             const float* start = s.state_at(b, k, chunk, c0);
