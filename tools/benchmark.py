@@ -69,6 +69,7 @@ def environment(device: torch.device) -> dict:
         "command": "python -m tools.benchmark " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "clock": "cpu" if clock is CLOCKS["cpu"] else "wall", "scan_kernel": fused_kernel.status().reason,
         "allocator": loaded_allocator() or "glibc", "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "device": str(device), "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -83,14 +84,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time. ``cpu``: CPU seconds of this process, all threads together; on a machine
+shared with other jobs it does not count the time others hold the cores, so 1-thread comparisons stay
+meaningful under load (at more threads it also counts OpenMP's spin-waits)."""
+clock = CLOCKS["wall"]
+
+
 def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Seconds per call of ``fn`` averaged over ``iters`` calls."""
+    """Seconds per call of ``fn`` averaged over ``iters`` calls (on the ``--clock`` chosen)."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
 def peak_rss_bytes() -> int:
@@ -428,10 +436,10 @@ def run_profile(args: argparse.Namespace, device: torch.device) -> dict:
     def timing(scan: Callable, routed: bool) -> Callable:
         def timed_scan(*a, **k):
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             out = scan(*a, **k)
             synchronize(device)
-            inside.append(time.perf_counter() - start)
+            inside.append(clock() - start)
             return out
         return timed_scan
 
@@ -592,6 +600,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats (median reported)")
     parser.add_argument("--iters", type=int, default=1, help="calls per timed repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of this process (robust to other jobs on a "
+                             "shared machine; use with --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model (Inductor; needs a C++ compiler on CPU); warm-up compiles")
@@ -616,7 +627,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global clock
     args = parse_args(argv)
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

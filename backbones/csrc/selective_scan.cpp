@@ -346,11 +346,20 @@ vf* scratch(std::vector<vf>& buffer, size_t count) {
     return buffer.data();
 }
 
-struct FlushDenormals {  // subnormal floats are slow on x86 and meaningless here; restore on exit
+struct FlushDenormals {  // subnormal floats are slow (x86) and meaningless here: flush them; restore on exit
 #if defined(__SSE2__)
     unsigned int saved;
     FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
     ~FlushDenormals() { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+    uint64_t saved;
+    FlushDenormals() {
+        __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved));
+        __asm__ __volatile__("msr fpcr, %0" : : "r"(saved | (uint64_t(1) << 24)));  // FZ
+    }
+    ~FlushDenormals() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved)); }
+#else
+    FlushDenormals() {}
 #endif
 };
 
