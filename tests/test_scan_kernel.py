@@ -339,6 +339,24 @@ def test_torch_export_keeps_the_fused_op():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.slow
+def test_onnx_export_traces_the_pure_scan_and_matches_the_kernel(tmp_path):
+    """backend="auto" runs the kernel in eager mode, but ONNX has no such op: the export traces the
+    pure-PyTorch formulation, and onnxruntime reproduces the eager (kernel) logits."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vmamba").eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "test_vmamba.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=True, input_names=["images"], output_names=["logits"])
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert relative_error(torch.from_numpy(got), expected.double()) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- no kernel
 
 
