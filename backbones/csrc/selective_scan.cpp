@@ -135,9 +135,13 @@ inline vf exp2_fraction(vf f) {
 
 // 2^x: 2^round(x) times the polynomial of the rest.
 #if MLS_WIDTH == 16 && defined(__AVX512F__)
-inline vf vexp2(vf x) {  // vscalefps saturates to 0 / inf by itself (subnormals are flushed, see FlushDenormals)
-    const vf rounded = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return (vf)_mm512_scalef_ps((__m512)exp2_fraction(x - rounded), (__m512)rounded);
+// vscalefps saturates to 0 / inf by itself (subnormals are flushed, see FlushDenormals). The all-lanes masked
+// forms of the intrinsics are used because the plain ones trip GCC 12's -Wmaybe-uninitialized.
+inline vf vexp2(vf x) {
+    const __m512 rounded = _mm512_mask_roundscale_ps((__m512)x, 0xffff, (__m512)x,
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 p = (__m512)exp2_fraction(x - (vf)rounded);
+    return (vf)_mm512_mask_scalef_ps(p, 0xffff, p, rounded);
 }
 #else
 inline vf vexp2(vf x) {  // the argument is clamped to [-125, 127], so the result is a normal float
@@ -154,7 +158,7 @@ inline vf vexp(vf x) { return vexp2(x * kLog2e); }
 // several times more and each step of the scan needs one or two.
 inline vf vrcp(vf x) {
 #if MLS_WIDTH == 16 && defined(__AVX512F__)
-    vf r = (vf)_mm512_rcp14_ps((__m512)x);  // 14 bits
+    vf r = (vf)_mm512_mask_rcp14_ps((__m512)x, 0xffff, (__m512)x);  // 14 bits (masked form: see vexp2)
 #elif MLS_WIDTH == 8 && defined(__AVX__)
     vf r = (vf)_mm256_rcp_ps((__m256)x);    // 12 bits
 #elif MLS_WIDTH == 4 && defined(__SSE__)
@@ -419,9 +423,14 @@ inline void step_sizes(const mls_problem& p, const vf* raw, vf bias, int T, vf* 
     }
 }
 
-// out[0..n) += the lane sums of v[0..n), n a multiple of W (v is overwritten).
-inline void add_lane_sums(vf* v, int n, float* out) {
-    for (int g = 0; g < n; g += W) store(out + g, load(out + g) + sum_lanes(v + g));
+// out[0..n) += the lane sums of v[0..n), W at a time (v is overwritten; it must hold n rounded up to a
+// multiple of W vectors, the extra ones zero).
+inline void add_lane_sums(vf* v, int64_t n, float* out) {
+    for (int64_t g = 0; g < n; g += W) {
+        const vf sums = sum_lanes(v + g);
+        if (g + W <= n) store(out + g, load(out + g) + sums);
+        else for (int64_t j = 0; j < n - g; ++j) out[g + j] += sums[j];
+    }
 }
 
 template <int NS>  // NS = d_state known at compile time, or 0 for any
@@ -572,21 +581,30 @@ struct Scan {
                 for (int j = 0; j < lanes; ++j) x[j] = start[n * p.channels + j];
                 h[n] = x;
             }
+            vf hr[NS ? NS : 1];
+            if (NS) for (int n = 0; n < N; ++n) hr[n] = h[n];
             for (int i = 0; i < T; ++i) {
                 const float* Bt = bc + (t0 + i) * 2 * N;
                 const float* Ct = Bt + N;
                 const vf dtv = dtb[i], dtu = dtv * ub[i];
                 vf* hh = hist_h + i * N;
                 vf* ha = hist_a + i * N;
-                vf yp = Dv * ub[i];
-                for (int n = 0; n < N; ++n) {
-                    const vf a = vexp2(dtv * A2[n]);
-                    ha[n] = a;
-                    hh[n] = a * (i ? hh[n - N] : h[n]) + dtu * Bt[n];
-                    yp += hh[n] * Ct[n];
+                if (NS) {  // the state stays in registers; the history is only written
+#pragma GCC unroll 16
+                    for (int n = 0; n < NS; ++n) {
+                        ha[n] = vexp2(dtv * A2[n]);
+                        hh[n] = hr[n] = ha[n] * hr[n] + dtu * Bt[n];
+                    }
+                } else {
+                    for (int n = 0; n < N; ++n) {
+                        ha[n] = vexp2(dtv * A2[n]);
+                        hh[n] = ha[n] * (i ? hh[n - N] : h[n]) + dtu * Bt[n];
+                    }
                 }
                 vf gv = gyb[i];
-                if (has_z) {
+                if (has_z) {  // the gate's gradient needs the ungated output
+                    vf yp = Dv * ub[i];
+                    for (int n = 0; n < N; ++n) yp += hh[n] * Ct[n];
                     const vf zv = zb[i], sig = vsigmoid(zv);
                     dzb[i] = gv * yp * sig * (1.0f + zv * (1.0f - sig));
                     gv *= zv * sig;
@@ -652,20 +670,11 @@ struct Scan {
                 store_block(ddelta, block, ddb + i0, g.accumulate);
                 if (has_z) store_block(dz, block, dzb + i0, g.accumulate);
             }
-            // dB, dC: sum each (step, state) product over the lanes, W products at a time
-            const int64_t count = kDirect ? 0 : int64_t(T) * N;
-            for (int n = 0; n < W; ++n) prodB[count + n] = prodC[count + n] = splat(0.0f);
-            for (int64_t s0 = 0; s0 < count; s0 += W) {
-                const vf sb = sum_lanes(prodB + s0), sc = sum_lanes(prodC + s0);
-                float* db = pB + t0 * N + s0;
-                float* dc = pC + t0 * N + s0;
-                const int m = int(std::min<int64_t>(W, count - s0));
-                if (m == W) {
-                    store(db, load(db) + sb);
-                    store(dc, load(dc) + sc);
-                } else {
-                    for (int j = 0; j < m; ++j) db[j] += sb[j], dc[j] += sc[j];
-                }
+            if (!kDirect) {  // dB, dC: sum the chunk's (step, state) products over the lanes
+                const int64_t count = int64_t(T) * N;
+                for (int n = 0; n < W; ++n) prodB[count + n] = prodC[count + n] = splat(0.0f);
+                add_lane_sums(prodB, count, pB + t0 * N);
+                add_lane_sums(prodC, count, pC + t0 * N);
             }
             for (int n = 0; n < N; ++n) {
                 const vf v = NS ? dA_chunk[n] : dA[n];
@@ -676,37 +685,44 @@ struct Scan {
     }
 };
 
-template <int NS>
-int forward_impl(const mls_problem& p) {
-    Setup s(p);
-    s.stage_bc();
-    const bool grouped = p.merged && p.routes > 1;
-    const int64_t units = grouped ? 1 : p.routes, tasks = p.batch * units * s.tiles;
+// fn(task, per-thread scratch) for every task, on `threads` OpenMP threads with subnormals flushed; the
+// dynamic schedule balances tasks of uneven cost. False (with the message set) when memory ran out.
+template <typename Fn>
+bool run_tasks(int threads, int64_t tasks, const char* what, Fn&& fn) {
     std::atomic<bool> failed(false);
-#pragma omp parallel num_threads(p.threads)
+#pragma omp parallel num_threads(threads)
     {
         FlushDenormals flush;
         std::vector<vf> buffer;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; ++task) {
             try {
-                const int64_t tile = task % s.tiles, unit = task / s.tiles % units, b = task / s.tiles / units;
-                const int64_t c0 = tile * W;
-                const int lanes = int(std::min<int64_t>(W, p.channels - c0));
-                vf* work = scratch(buffer, size_t(2 * p.d_state));
-                if (p.merged) zero_positions(view(p.y, b, 0, c0, lanes), p.positions);
-                for (int64_t k = grouped ? 0 : unit; k < (grouped ? p.routes : unit + 1); ++k)
-                    Scan<NS>::forward_route(s, b, k, c0, lanes, p.merged, work);
+                fn(task, buffer);
             } catch (const std::bad_alloc&) {
                 failed = true;
             }
         }
     }
-    if (failed) {
-        std::snprintf(g_error, sizeof g_error, "out of memory in the selective-scan forward");
-        return 1;
-    }
-    return 0;
+    if (failed) std::snprintf(g_error, sizeof g_error, "out of memory in the selective-scan %s", what);
+    return !failed;
+}
+
+template <int NS>
+int forward_impl(const mls_problem& p) {
+    Setup s(p);
+    s.stage_bc();
+    const bool grouped = p.merged && p.routes > 1;
+    const int64_t units = grouped ? 1 : p.routes, tasks = p.batch * units * s.tiles;
+    const bool ok = run_tasks(p.threads, tasks, "forward", [&](int64_t task, std::vector<vf>& buffer) {
+        const int64_t tile = task % s.tiles, unit = task / s.tiles % units, b = task / s.tiles / units;
+        const int64_t c0 = tile * W;
+        const int lanes = int(std::min<int64_t>(W, p.channels - c0));
+        vf* work = scratch(buffer, size_t(2 * p.d_state));
+        if (p.merged) zero_positions(view(p.y, b, 0, c0, lanes), p.positions);
+        for (int64_t k = grouped ? 0 : unit; k < (grouped ? p.routes : unit + 1); ++k)
+            Scan<NS>::forward_route(s, b, k, c0, lanes, p.merged, work);
+    });
+    return ok ? 0 : 1;
 }
 
 template <int NS>
@@ -721,47 +737,33 @@ int backward_impl(const mls_problem& p, const mls_grads& g) {
     const int64_t groups = (s.tiles + per_group - 1) / per_group, tasks = p.batch * units * groups;
     std::vector<float> partial(size_t(p.batch * K * groups * L * N * 2));   // dB and dC rows per (b, k, group)
     std::vector<double> lanes_acc(size_t(p.batch * K * s.tiles * (N + 2) * W));  // dA, dD, dbias per tile
-    std::atomic<bool> failed(false);
-#pragma omp parallel num_threads(p.threads)
-    {
-        FlushDenormals flush;
-        std::vector<vf> buffer;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < tasks; ++task) {
-            try {
-                const int64_t group = task % groups, unit = task / groups % units, b = task / groups / units;
-                const int64_t k_begin = shared ? 0 : unit, k_end = shared ? K : unit + 1;
+    const bool ok = run_tasks(p.threads, tasks, "backward", [&](int64_t task, std::vector<vf>& buffer) {
+        const int64_t group = task % groups, unit = task / groups % units, b = task / groups / units;
+        const int64_t k_begin = shared ? 0 : unit, k_end = shared ? K : unit + 1;
+        const int64_t tile_end = std::min(s.tiles, (group + 1) * per_group);
+        auto lanes_of = [&](int64_t tile) { return int(std::min<int64_t>(W, p.channels - tile * W)); };
+        if (g.accumulate) {  // this task's regions of du/ddelta/dz, zeroed once (routes then add)
+            for (int64_t tile = group * per_group; tile < tile_end; ++tile) {
                 for (int64_t k = k_begin; k < k_end; ++k) {
-                    float* pB = partial.data() + ((b * K + k) * groups + group) * L * N * 2;
-                    std::fill(pB, pB + L * N * 2, 0.0f);
-                }
-                for (int64_t tile = group * per_group; tile < std::min(s.tiles, (group + 1) * per_group); ++tile) {
                     const int64_t c0 = tile * W;
-                    const int lanes = int(std::min<int64_t>(W, p.channels - c0));
-                    if (g.accumulate) {
-                        for (int64_t k = k_begin; k < k_end; ++k) {
-                            if (k == k_begin || g.du.route) zero_positions(view(g.du, b, k, c0, lanes), p.positions);
-                            if (k == k_begin || g.ddelta.route)
-                                zero_positions(view(g.ddelta, b, k, c0, lanes), p.positions);
-                            if (p.z.data && (k == k_begin || g.dz.route))
-                                zero_positions(view(g.dz, b, k, c0, lanes), p.positions);
-                        }
-                    }
-                    for (int64_t k = k_begin; k < k_end; ++k) {
-                        float* pB = partial.data() + ((b * K + k) * groups + group) * L * N * 2;
-                        double* acc = lanes_acc.data() + ((b * K + k) * s.tiles + tile) * (N + 2) * W;
-                        Scan<NS>::backward_route(s, g, b, k, c0, lanes, pB, pB + L * N, acc, buffer);
-                    }
+                    if (k == k_begin || g.du.route) zero_positions(view(g.du, b, k, c0, lanes_of(tile)), p.positions);
+                    if (k == k_begin || g.ddelta.route)
+                        zero_positions(view(g.ddelta, b, k, c0, lanes_of(tile)), p.positions);
+                    if (p.z.data && (k == k_begin || g.dz.route))
+                        zero_positions(view(g.dz, b, k, c0, lanes_of(tile)), p.positions);
                 }
-            } catch (const std::bad_alloc&) {
-                failed = true;
             }
         }
-    }
-    if (failed) {
-        std::snprintf(g_error, sizeof g_error, "out of memory in the selective-scan backward");
-        return 1;
-    }
+        for (int64_t k = k_begin; k < k_end; ++k) {
+            float* pB = partial.data() + ((b * K + k) * groups + group) * L * N * 2;
+            std::fill(pB, pB + L * N * 2, 0.0f);
+            for (int64_t tile = group * per_group; tile < tile_end; ++tile) {
+                double* acc = lanes_acc.data() + ((b * K + k) * s.tiles + tile) * (N + 2) * W;
+                Scan<NS>::backward_route(s, g, b, k, tile * W, lanes_of(tile), pB, pB + L * N, acc, buffer);
+            }
+        }
+    });
+    if (!ok) return 1;
     // dB, dC: sum the groups' partial rows and add them at each step's source position
 #pragma omp parallel for num_threads(p.threads) schedule(static)
     for (int64_t r = 0; r < p.batch * K; ++r) {
