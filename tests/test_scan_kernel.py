@@ -138,9 +138,11 @@ def test_environment_variable_forces_a_level_in_a_fresh_process():
         env = dict(os.environ, MAMBALAB_SCAN_ISA=level)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.startswith(f"{level} |") and "MAMBALAB_SCAN_ISA" in out.stdout
-    env = dict(os.environ, MAMBALAB_SCAN_ISA="sse9")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.startswith("None |") and "MAMBALAB_SCAN_ISA='sse9'" in out.stdout
+    refused = {"sse9": "MAMBALAB_SCAN_ISA='sse9' is not one of", "none": "disabled by MAMBALAB_SCAN_ISA"}
+    for value, reason in refused.items():
+        env = dict(os.environ, MAMBALAB_SCAN_ISA=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.startswith("None |") and reason in out.stdout
 
 
 # ----------------------------------------------------------------------------- routes read in place

@@ -5,11 +5,12 @@ compiler with OpenMP) into ``backbones/_kernels/``, once per instruction-set lev
 (x86-64-v4, 16 floats per vector), ``avx2`` (x86-64-v3, 8) and ``baseline`` (x86-64 SSE2, or NEON on
 aarch64, 4). Nothing is compiled at import time; without a built kernel everything runs on the
 pure-PyTorch scan. At run time the highest level the CPU supports is used, or the one named by the
-``MAMBALAB_SCAN_ISA`` environment variable (``avx512``, ``avx2`` or ``baseline``).
+``MAMBALAB_SCAN_ISA`` environment variable (``avx512``, ``avx2`` or ``baseline``; ``none`` turns the
+kernel off).
 
-The library is plain C (no torch headers, so it does not depend on the torch version) called through
-ctypes. It is linked against the OpenMP runtime torch itself loaded, so the scan shares torch's thread
-pool, and uses ``torch.get_num_threads()`` threads.
+The library is C++ behind a plain C interface (no torch or Python headers, so it does not depend on the
+torch version), called through ctypes. It is linked against the OpenMP runtime torch itself loaded, so
+the scan shares torch's thread pool, and uses ``torch.get_num_threads()`` threads.
 
 Two ``torch.library`` custom ops wrap it (``mambalab::selective_scan_cpu`` and its backward), with fake
 implementations and a registered autograd formula, so torch.compile and torch.export treat the scan as
@@ -22,7 +23,6 @@ dtype); float64 inputs are never sent here (``backbones.ssm`` keeps them on the 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import ctypes
 import hashlib
@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -39,8 +38,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cpp"
-BUILD_DIR = Path(__file__).with_name("_kernels")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+SOURCE = PACKAGE_DIR / "csrc" / "selective_scan.cpp"
+BUILD_DIR = PACKAGE_DIR / "_kernels"
 MANIFEST = BUILD_DIR / "manifest.json"
 ISA_ENV = "MAMBALAB_SCAN_ISA"
 BUILD_COMMAND = "python -m backbones.kernel build"
@@ -94,6 +94,17 @@ def _source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 
 
+def _replace(path: Path, write) -> None:
+    """Write ``path`` through a temporary file beside it and an atomic rename, so that a process that has
+    the old library mapped keeps it intact."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _compile(compiler: str, flags: list[str], width: int, openmp: Optional[str], out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         obj = Path(tmp) / "scan.o"
@@ -101,10 +112,9 @@ def _compile(compiler: str, flags: list[str], width: int, openmp: Optional[str],
         subprocess.run([compiler, *common, *(["-fopenmp"] if openmp else []), "-c", str(SOURCE), "-o", str(obj)],
                        check=True, capture_output=True, text=True)
         # link against torch's own OpenMP runtime (not -fopenmp's), so one thread pool serves both
-        partial = Path(tmp) / out.name
-        subprocess.run([compiler, "-shared", str(obj), *([openmp] if openmp else []), "-o", str(partial)],
-                       check=True, capture_output=True, text=True)
-        shutil.move(str(partial), str(out))
+        _replace(out, lambda partial: subprocess.run(
+            [compiler, "-shared", str(obj), *([openmp] if openmp else []), "-o", str(partial)],
+            check=True, capture_output=True, text=True))
 
 
 def build(levels: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
@@ -133,7 +143,7 @@ def build(levels: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
                 raise RuntimeError(f"compiling the {name} kernel failed:\n{err.stderr}") from err
     manifest = dict(source_sha256=_source_hash(), compiler=compiler, compiler_version=version[0] if version else "",
                     openmp=openmp, machine=platform.machine(), levels=files)
-    MANIFEST.write_text(json.dumps(manifest, indent=2))
+    _replace(MANIFEST, lambda partial: partial.write_text(json.dumps(manifest, indent=2)))
     _reset()
     if verbose:
         print(f"built {', '.join(levels)} with {compiler} into {BUILD_DIR} "
@@ -184,11 +194,8 @@ def _open(path: Path) -> ctypes.CDLL:
 def cpu_levels() -> list[str]:
     """The built levels this CPU can run, best first (asks the baseline build for the CPU's x86-64 level)."""
     manifest = json.loads(MANIFEST.read_text())
-    known = isa_levels()
-    if "baseline" not in manifest["levels"]:
-        return [name for name in known if name in manifest["levels"] and known[name][2] == 0]
-    level = _open(BUILD_DIR / manifest["levels"]["baseline"]).mls_cpu_level()
-    return [name for name, (_, _, needs) in known.items() if name in manifest["levels"] and needs <= max(level, 0)]
+    level = _open(BUILD_DIR / manifest["levels"]["baseline"]).mls_cpu_level()  # 0 off x86
+    return [name for name, (_, _, needs) in isa_levels().items() if name in manifest["levels"] and needs <= level]
 
 
 def _probe(isa: Optional[str]) -> KernelStatus:
@@ -198,13 +205,19 @@ def _probe(isa: Optional[str]) -> KernelStatus:
                else "no C++ compiler found to build it (install g++ or clang++, then run "
                     f"`{BUILD_COMMAND}`)")
         return KernelStatus(None, None, f"the fused kernel is not built: {how}")
-    manifest = json.loads(MANIFEST.read_text())
-    if manifest.get("source_sha256") != _source_hash():
-        return KernelStatus(None, None, f"the built kernel is older than its source: rebuild with `{BUILD_COMMAND}`")
-    runnable = cpu_levels()
     wanted = isa or os.environ.get(ISA_ENV) or None
+    if wanted == "none":
+        return KernelStatus(None, None, f"disabled by {ISA_ENV}=none")
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+        if manifest.get("source_sha256") != _source_hash():
+            return KernelStatus(None, None, f"the built kernel is older than its source: rebuild with "
+                                            f"`{BUILD_COMMAND}`")
+        runnable = cpu_levels()
+    except (OSError, ValueError, KeyError) as err:
+        return KernelStatus(None, None, f"the build in {BUILD_DIR} is unusable ({err}): rebuild with `{BUILD_COMMAND}`")
     if wanted is not None and wanted not in isa_levels():
-        return KernelStatus(None, None, f"{ISA_ENV}={wanted!r} is not one of {', '.join(isa_levels())}")
+        return KernelStatus(None, None, f"{ISA_ENV}={wanted!r} is not one of {', '.join(isa_levels())}, none")
     if wanted is not None and wanted not in runnable:
         return KernelStatus(None, None, f"ISA level {wanted!r} is not built or this CPU cannot run it "
                                         f"(runnable: {', '.join(runnable) or 'none'})")
@@ -261,7 +274,7 @@ def _library() -> ctypes.CDLL:
 # ----------------------------------------------------------------------------- calling the kernel
 
 
-def _ctensor(t: Optional[Tensor], shared: bool = False) -> _Tensor:
+def _ctensor(t: Optional[Tensor]) -> _Tensor:
     """A 4-D (batch, route, channel, position) view; 3-D tensors are shared by all routes (route stride 0)."""
     if t is None:
         return _Tensor(None, 0, 0, 0, 0)
@@ -469,36 +482,3 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     y = scan_routes(u.unflatten(1, split), delta.unflatten(1, split), A, B, C, D,
                     None if z is None else z.unflatten(1, split), delta_bias, delta_softplus, merged=False)
     return y.flatten(1, 2)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backbones.kernel", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build_cmd = sub.add_parser("build", help="compile the kernel for this machine's ISA levels")
-    build_cmd.add_argument("--isa", action="append", choices=list(isa_levels()),
-                           help="build only this level and the baseline (repeatable); default: all")
-    build_cmd.add_argument("--skip-without-compiler", action="store_true",
-                           help="exit successfully (with a note) when no C++ compiler is installed")
-    sub.add_parser("status", help="say which kernel this process would use, and why")
-    args = parser.parse_args(argv)
-    if args.command == "status":
-        current = status()
-        print(("usable: " if current.library else "not usable: ") + current.reason)
-        return 0 if current.library else 1
-    if find_compiler() is None and args.skip_without_compiler:
-        print("no C++ compiler found: the fused scan kernel is not built; the pure-PyTorch scan will be used")
-        return 0
-    try:
-        build(args.isa)
-    except RuntimeError as err:
-        print(err, file=sys.stderr)
-        return 2
-    print(status().reason if status().library else f"built, but not usable here: {status().reason}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
