@@ -103,9 +103,10 @@ class BiMambaMixer(nn.Module):
         padded = torch.stack((F.pad(x, (0, 0, width - 1, 0)), F.pad(x, (0, 0, 0, width - 1))), dim=2)
         weight = self.conv1d.weight.view(2, channels, width)
         taps = torch.stack((weight[0], weight[1].flip(-1))).permute(2, 0, 1).contiguous()  # (tap, direction, channel)
-        out = padded[:, :length] * taps[0]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.view(2, channels)
+        if self.conv1d.bias is None:
+            out = padded[:, :length] * taps[0]
+        else:
+            out = torch.addcmul(self.conv1d.bias.view(2, channels), padded[:, :length], taps[0])
         for tap in range(1, width):
             out = torch.addcmul(out, padded[:, tap:tap + length], taps[tap])
         return self.act(out).permute(0, 2, 3, 1)

@@ -216,7 +216,7 @@ FAMILIES = [name for name in backbones.list_backbones() if name.startswith("test
 @needs_kernel
 @pytest.mark.parametrize("name", FAMILIES)
 def test_models_match_the_pure_pytorch_scan(name):
-    """Every stage's features and every parameter gradient, fused kernel vs the torch backend, same
+    """Logits, every stage's features and every parameter gradient, fused kernel vs the torch backend, same
     (perturbed, so that no zero-initialised layer hides a branch) weights. The two differ by fp32 rounding
     only (pixel-order projections, another summation order): measured <= 5e-7 on features and <= 5e-6
     on gradients; a wrong route, weight or gradient term would be O(1)."""
@@ -228,6 +228,9 @@ def test_models_match_the_pure_pytorch_scan(name):
     fused = timm.create_model(name, scan_backend="fused").eval()
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = [m(x) for m in (reference, fused)]
+    assert relative_error(logits[1], logits[0].double()) <= 5e-6
     stages = [m.forward_intermediates(x, intermediates_only=True) for m in (reference, fused)]
     for expected, got in zip(*stages):
         assert relative_error(got, expected.double()) <= 5e-6

@@ -188,12 +188,13 @@ def stub_scan(scan: Callable, routed: bool) -> Callable:
         return y * F.silu(z) if z is not None else y
 
     def routed_stub(u, delta, A, B, C, D=None, z=None, *args, table=None, merged=True, **kwargs):
+        # the kernel's output layout (channels innermost), so that what follows runs as it would
         batch, routes, channels, positions = delta.shape
-        skip = (D if D is not None else A.new_ones(A.shape[0])).to(delta.dtype).view(routes, channels, 1)
+        skip = (D if D is not None else A.new_ones(A.shape[0])).to(delta.dtype).view(routes, channels)
         if merged:  # every route's skip term, back at its pixels (up to the merge weight)
-            return (u if u.dim() == 3 else u.mean(1)) * skip.sum(0)
+            return ((u if u.dim() == 3 else u.mean(1)).transpose(1, 2) * skip.sum(0)).transpose(1, 2)
         length = positions if table is None else table.shape[1]
-        return skip.expand(batch, routes, channels, length).clone()
+        return skip[:, None].expand(batch, routes, length, channels).clone().transpose(2, 3)
 
     return routed_stub if routed else stub
 

@@ -1,6 +1,6 @@
 // Fused CPU selective scan (forward and backward) with route-aware indexing.
 //
-// Plain C ABI, no torch or Python headers: backbones/kernel.py builds this file once per instruction-set
+// Plain C ABI, no torch or Python headers: backbones/kernel/ builds this file once per instruction-set
 // level (MLS_WIDTH = float lanes per vector: 16 for x86-64-v4, 8 for x86-64-v3, 4 for baseline x86-64 and
 // aarch64) and calls it through ctypes. The maths is backbones/ssm.py's selective_scan, per channel d and
 // state n:
@@ -17,9 +17,10 @@
 // either per route at step t, or "merged": summed over routes (times merge_weight) at the source
 // position, which is how every scan pattern's merge works.
 //
-// Work split. One vector holds `W` channels of one (batch, route); a task is a tile of W channels of one
-// batch element and one route, or of all routes when several routes write the same output elements
-// (merged output, or a route-shared u in backward), so no two tasks ever write the same element. Tokens
+// Work split. One vector holds `W` channels of one (batch, route); a task is a tile of W channels (in
+// backward a group of tiles, sized for enough tasks per thread) of one batch element and one route, or of
+// all routes when several routes write the same output elements (merged output, or a route-shared u in
+// backward), so no two tasks ever write the same element. Tokens
 // are processed in blocks of W steps: each input block is loaded into registers (a plain vector load per
 // step when channels are contiguous, an in-register W x W transpose when positions are contiguous), the
 // recurrence runs with the state in registers, and the output block is written back the same way.
