@@ -5,6 +5,11 @@ A pattern is a small stateless module with two methods that are each other's adj
 - ``scan(x)``: (batch, channels, *spatial) -> (batch, K, channels, length)
 - ``merge(y, spatial)``: (batch, K, channels, length) -> (batch, channels, *spatial)
 
+Every route position reads one pixel (or padding), and every merge puts each route output back on the
+pixel it read, summed and scaled by ``merge_weight``. ``route_table`` derives that pixel index table
+from ``scan`` itself; the fused CPU kernel reads and writes routes through it instead of materialising
+``scan``'s copies (``RouteSSM.scan_map``).
+
 Everything that differs between families' 2-D selective scans (VMamba's cross scan, Vim's
 bidirectional 1-D scan, EfficientVMamba's atrous scan, GroupMamba's one direction per group,
 MSVMamba's joined half-resolution routes) is a pattern; the selective-scan parameters and the SS2D
@@ -22,15 +27,36 @@ from torch import Tensor, nn
 
 
 class ScanPattern(nn.Module):
-    """Base class; subclasses set ``num_routes`` and implement ``scan``/``merge``."""
+    """Base class; subclasses set ``num_routes`` (and ``merge_weight`` if not 1) and implement
+    ``scan``/``merge``."""
 
     num_routes: int
+    merge_weight: float = 1.0
 
     def scan(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
         raise NotImplementedError
+
+    def route_table(self, spatial: Sequence[int]) -> Tensor:
+        """(num_routes, length) int32 on the CPU: the row-major pixel each route position reads, -1 for padding.
+
+        Scanning a map of pixel numbers gives it, so ``scan`` stays the only description of the routes.
+        Cached per spatial size (built afresh, as plain tensor ops, while torch.compile/export trace).
+        """
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._pixel_table(spatial)
+        cache = self.__dict__.setdefault("_route_tables", {})
+        key = tuple(int(size) for size in spatial)
+        if key not in cache:
+            cache[key] = self._pixel_table(spatial)
+        return cache[key]
+
+    def _pixel_table(self, spatial: Sequence[int]) -> Tensor:
+        with torch.inference_mode(False):  # a table built under inference_mode could not be saved for backward
+            numbers = torch.arange(1, math.prod(spatial) + 1).reshape(1, 1, *spatial)
+            return (self.scan(numbers)[0, :, 0] - 1).to(torch.int32).contiguous()
 
     def extra_repr(self) -> str:
         return f"num_routes={self.num_routes}"
@@ -68,6 +94,7 @@ class BidirectionalScan(ScanPattern):
     """
 
     num_routes = 2
+    merge_weight = 0.5
 
     def scan(self, x: Tensor) -> Tensor:
         return torch.stack((x, x.flip(-1)), dim=1)
@@ -145,8 +172,7 @@ class RouteConcat(ScanPattern):
 
     def _sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
         """Pixel index + 1 read by each position of the joined route (0 = padding), shape (length,)."""
-        numbers = torch.arange(1, math.prod(spatial) + 1, device=device).reshape(1, 1, *spatial)
-        return self.pattern.scan(numbers)[0, list(self.routes), 0].flatten()
+        return (self.pattern.route_table(spatial)[list(self.routes)].flatten().long() + 1).to(device)
 
     def scan(self, x: Tensor) -> Tensor:
         flat = F.pad(x.flatten(2), (1, 0))

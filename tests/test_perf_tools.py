@@ -10,6 +10,7 @@ import timm
 import torch
 
 import backbones
+from backbones import kernel as fused_kernel
 from backbones import ssm
 from tools import benchmark, doctor, gpu_check
 
@@ -20,7 +21,7 @@ def test_doctor_reports_every_backend_and_why_not(capsys):
     kernel, reason = ssm.mamba_ssm_status()
     if kernel is None:
         assert info["scan_backends"]["mamba_ssm"] == f"not usable: {reason}"
-    assert "CPU tensors -> torch" in info["scan_backends"]["auto"]
+    assert f"CPU tensors -> {'fused' if fused_kernel.available() else 'torch'}" in info["scan_backends"]["auto"]
     assert info["torch_threads"] == torch.get_num_threads()
     doctor.main(["--json"])
     assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
