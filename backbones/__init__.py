@@ -11,12 +11,12 @@ from types import ModuleType
 import timm
 from torch import nn
 
-from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
+from . import efficientvmamba, groupmamba, hrvmamba, mhs, msvmamba, vim, vmamba
 from .ssm import selective_scan
 
 __all__ = ["block_classes", "create_backbone", "family_of", "list_backbones", "selective_scan"]
 
-_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim)
+_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim, mhs)
 
 
 def list_backbones() -> list[str]:

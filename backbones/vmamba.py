@@ -81,21 +81,24 @@ class ConvDownsample(nn.Module):
 
 
 class VSSBlock(nn.Module):
-    """Pre-norm residual block: x + SS2D(norm(x)), then x + MLP(norm(x)) when mlp_ratio > 0.
+    """Pre-norm residual block: x + mixer(norm(x)) (SS2D by default), then x + MLP(norm(x)) when mlp_ratio > 0.
 
     Args:
         dim: channels.
         drop_path: stochastic-depth rate of both residual branches.
         mlp_ratio: MLP hidden width as a multiple of dim; 0 removes the MLP (vanilla model).
         norm_layer: channels-last normalisation.
-        **ssm_kwargs: passed to ``SS2D``.
+        mixer_layer: ``(dim, **ssm_kwargs) -> channels-last module``, the token mixer; ``SS2D`` by default
+            (``backbones.mhs.MultiHeadScanMixer`` takes the same arguments).
+        **ssm_kwargs: passed to the mixer.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, **ssm_kwargs) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 mixer_layer: Callable[..., nn.Module] = SS2D, **ssm_kwargs) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.mixer = SS2D(dim, **ssm_kwargs)
+        self.mixer = mixer_layer(dim, **ssm_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
             self.norm2 = norm_layer(dim)
@@ -158,6 +161,7 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend for every SS2D.
+        mixer_layer: the blocks' token mixer (see ``VSSBlock``); ``SS2D`` by default.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 9, 2),
@@ -166,7 +170,8 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
                  gated: bool = True, mlp_ratio: float = 4.0,
                  stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, global_pool: str = "avg", scan_backend: str = "auto") -> None:
+                 drop_path_rate: float = 0.1, global_pool: str = "avg", scan_backend: str = "auto",
+                 mixer_layer: Callable[..., nn.Module] = SS2D) -> None:
         super().__init__()
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
@@ -177,7 +182,7 @@ class VMamba(HierarchicalFeaturesMixin, nn.Module):
         self.stem = stem_layer(in_chans, dims[0])
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         ssm_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv,
-                          conv_bias=conv_bias, gated=gated, scan_backend=scan_backend)
+                          conv_bias=conv_bias, gated=gated, scan_backend=scan_backend, mixer_layer=mixer_layer)
         stages, self.feature_info = [], []
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             downsample = downsample_layer(dims[i - 1], dim) if i else nn.Identity()
