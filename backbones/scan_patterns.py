@@ -183,19 +183,27 @@ class RouteTable(ScanPattern):
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _tables_for(self, spatial: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-        """(K, L) source pixel of every route position, and (K, L) route position of every pixel."""
+        """(K, L) source pixel of every route position, and (K, L) route position of every pixel.
+
+        While compiling or exporting, tables not yet built in eager mode are built inside the graph (as
+        constants to fold), without the permutation check, which is data-dependent, and without caching.
+        """
         key = (tuple(spatial), device)
-        if key not in self._tables:
+        tables = self._tables.get(key)
+        if tables is None:
+            compiling = torch.compiler.is_compiling()
             height, width = spatial
             routes = torch.as_tensor(self.routes(height, width), dtype=torch.long, device="cpu")
             pixels = torch.arange(height * width).expand(len(routes), -1)
-            if routes.shape != pixels.shape or not torch.equal(routes.sort(dim=1).values, pixels):
+            if not compiling and (routes.shape != pixels.shape or not torch.equal(routes.sort(dim=1).values, pixels)):
                 raise ValueError(f"{getattr(self.routes, '__name__', self.routes)} must give routes that visit each "
                                  f"of the {height}x{width} pixels exactly once, got a table of shape "
                                  f"{tuple(routes.shape)} that does not")
             sources = torch.stack([step for route in routes for step in (route, route.flip(0))])
-            self._tables[key] = (sources.to(device), sources.argsort(dim=1).to(device))
-        return self._tables[key]
+            tables = (sources.to(device), sources.argsort(dim=1).to(device))
+            if not compiling:
+                self._tables[key] = tables
+        return tables
 
     def sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
         """The ``(K, height * width)`` table of the row-major pixel read at each position of each route."""
