@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from ._checkpoint import unwrap_state_dict
 from ._features import create_hierarchical, imagenet_cfg
 from .scan_patterns import RouteTable
 from .ss2d import RouteSSM, resolve_dt_rank
 from .vmamba import VMamba
-from .vmamba import checkpoint_filter_fn as _our_layout_filter
 
-__all__ = ["MHS_ROUTES", "MultiHeadScan", "MultiHeadScanMixer", "ScanHead", "ScanRouteAttention"]
+__all__ = ["MHS_ROUTES", "MultiHeadScan", "MultiHeadScanMixer", "ScanHead", "ScanRouteAttention",
+           "checkpoint_filter_fn"]
 
 
 def _pixels(height: int, width: int) -> Tensor:
@@ -241,12 +242,24 @@ class MultiHeadScanMixer(nn.Module):
 
 # ---------------------------------------------------------------- the MHS-VM encoder as a timm model
 
+def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
+    """Weights in this module's layout (a checkpoint or state dict of it), unwrapped.
+
+    The official checkpoints (``best_3h.pth``, ``best_4h.pth``) hold the whole segmentation model -- encoder,
+    decoder and aliases under ``vmunet.`` -- which no backbone converter splits yet; they are refused by name.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(key.startswith("vmunet.") for key in state_dict):
+        raise ValueError("this is an official MHS-VM checkpoint (the whole VM-UNet under 'vmunet.'); converting it "
+                         "into a backbone and a decoder is not supported")
+    return state_dict
+
+
 def _create_mhs_vmamba(variant: str, pretrained: bool = False, routes: str = "CXSZ", sra_threshold: float = 0.0,
                        with_proj: bool = True, **kwargs) -> VMamba:
-    """A VMamba whose blocks mix with ``MultiHeadScanMixer``. Pretrained files must be in our layout: the official
-    checkpoints hold the whole segmentation model, and no converter splits them yet."""
+    """A VMamba whose blocks mix with ``MultiHeadScanMixer``."""
     mixer = partial(MultiHeadScanMixer, routes=routes, sra_threshold=sra_threshold, with_proj=with_proj)
-    return create_hierarchical(VMamba, variant, pretrained, pretrained_filter_fn=_our_layout_filter,
+    return create_hierarchical(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                mixer_layer=mixer, **kwargs)
 
 
