@@ -21,8 +21,8 @@ SiLU, MHS, LayerNorm, times ``SiLU(z)``, no output projection. MHS-VM is VM-UNet
 decoder 2-2-2-1, dims 96-768, drop path 0.2, d_state 16) with these mixers, trained from scratch.
 
 Written here from those facts: the routes are computed for any map size (the official code loads tables
-precomputed for 256x256 inputs); the route tables are ``RouteTable`` scan patterns and the scans ``RouteSSM``,
-the same pieces every SS2D uses.
+precomputed for 256x256 inputs; ours equal them there), each head's routes are a ``RouteTable`` scan pattern
+and its scans one ``RouteSSM`` (SS2D's per-route SSM parameters).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def snake_routes(height: int, width: int) -> Tensor:
 def zigzag_routes(height: int, width: int) -> Tensor:
     """X: anti-diagonals from the top-left corner, rows rising on odd diagonals and falling on even ones (so
     the first step goes right), then the same route mirrored left to right."""
-    rows, cols = (axis.flatten() for axis in torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"))
+    pixels = _pixels(height, width).flatten()
+    rows, cols = pixels // width, pixels % width
     diagonal = rows + cols
     order = (diagonal * height + torch.where(diagonal % 2 == 1, rows, height - 1 - rows)).argsort()
     rows, cols = rows[order], cols[order]
