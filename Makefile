@@ -14,14 +14,18 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Extras installed into .venv: tests cover the sweep launchers, dense and medical tasks too.
-EXTRAS ?= dev,sweep,dense,medical
+EXTRAS ?= dev,sweep,dense,medical,mamba-cpu
+# mamba-ssm's Python code without its CUDA build, unless a mamba-ssm is installed already (a CUDA machine's
+# real one stays): the tests run its SelectiveScanFn on CPU with a stand-in for the compiled extension.
+# MAMBA_FORCE_BUILD stops its setup.py from trying to download a prebuilt CUDA wheel from GitHub.
+MAMBA_SSM := mamba-ssm==2.3.1
 # The demos read the real data files these packages ship; their own dependencies (TensorFlow, rasterio, ...)
 # are not needed for that, so they are installed without them.
 DATA_PACKAGES := stardist==0.9.2 deepforest==2.1.0
 # A prebuilt CPU mmcv 2.1.0 for CPython 3.11 / x86_64 / torch 2.14.1 (see docs/mm/README.md to build one).
 MMCV_WHEEL := $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl)
 
-.PHONY: install mm demo test test-slow test-all lint clean
+.PHONY: install mm demo test test-slow test-all test-timm lint clean
 
 install: $(STAMP)
 
@@ -31,6 +35,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(TORCH_PINS)
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -m pip show -q mamba-ssm >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+		$(PY) -m pip install -q --no-deps --no-build-isolation $(MAMBA_SSM)
 	touch $(STAMP)
 
 # Optional OpenMMLab stack (mmdet/mmseg integration): the prebuilt mmcv wheel where it exists.
@@ -62,8 +68,12 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+# timm's own tests/test_models.py (fetched from the installed timm's sdist) on every registered backbone.
+test-timm: $(STAMP)
+	$(PY) -m tools.timm_suite
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache
+	rm -rf $(VENV) logs .pytest_cache .cache/timm-suite

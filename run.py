@@ -10,33 +10,41 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from heads.interface import HeadInputs, head_inputs
+from tasks.callbacks import CheckpointOnInterrupt
+from tasks.checkpoint_io import resolve_checkpoint, run_identity
+from tasks.config_checks import check_config
+from tasks.run_dir import open_new, process_rank
+from tasks.scaling import effective_batch_report, global_batch
+
 log = logging.getLogger("mambalab")
 
 MODES = ("train", "eval")
+# Rank 0's choice for ckpt_path=last, inherited by the ranks Lightning launches so that all resume one file.
+LAST_CHECKPOINT_ENV = "MAMBALAB_LAST_CHECKPOINT"
 
 
 def linear_scaled_lr(base_lr: float, batch_size: int, devices, num_nodes: int = 1, accumulate: int = 1,
                      reference_batch: int = 512) -> float:
-    """The linear scaling rule of the official recipes: ``base_lr * total_batch / 512``.
+    """The linear scaling rule of the official recipes: ``base_lr * global batch / 512``, where the global batch
+    is ``batch_size x devices x num_nodes x accumulate`` (``tasks.scaling.global_batch``).
 
     ``devices`` may be "auto" (all visible GPUs, or 1 without CUDA) as in the trainer config.
     """
-    if not isinstance(devices, int):
-        import torch
-
-        devices = max(1, torch.cuda.device_count()) if str(devices) in ("auto", "-1") else len(str(devices).split(","))
-    return base_lr * batch_size * devices * num_nodes * accumulate / reference_batch
+    return base_lr * global_batch(batch_size, devices, num_nodes, accumulate) / reference_batch
 
 
 OmegaConf.register_new_resolver("linear_lr", linear_scaled_lr, replace=True)
@@ -68,47 +76,58 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], dict]]:
     """What the backbone is built to return for this head, and what the head is told about it.
 
-    A head class declares ``consumes = "pooled"`` (one pooled vector per image, e.g. a classifier)
-    or ``consumes = "features"`` (multi-scale NCHW maps, e.g. dense heads).
+    A head class declares ``inputs`` (``heads.interface.HeadInputs``): ``POOLED`` (one pooled vector per
+    image, e.g. a classifier) or ``FEATURES`` (multi-scale NCHW maps, e.g. dense heads).
     """
-    consumes = getattr(hydra.utils.get_class(head_target), "consumes", "pooled")
-    if consumes == "pooled":
+    if head_inputs(hydra.utils.get_class(head_target)) is HeadInputs.POOLED:
         return dict(num_classes=0), lambda backbone: dict(in_features=backbone.num_features)
-    if consumes == "features":
-        return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
-                                                                strides=backbone.feature_info.reduction())
-    raise ValueError(f"{head_target}.consumes must be 'pooled' or 'features', got {consumes!r}")
+    return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
+                                                            strides=backbone.feature_info.reduction())
+
+
+def data_inputs(task_target: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """The facts about the data a task class lists in ``data_inputs``, read from the data module's attributes."""
+    names = hydra.utils.get_class(task_target).data_inputs
+    missing = [name for name in names if not hasattr(datamodule, name)]
+    if missing:
+        raise AttributeError(f"{task_target} needs {missing} from its data module, which "
+                             f"{type(datamodule).__name__} does not provide")
+    return {name: getattr(datamodule, name) for name in names}
 
 
 def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data first (it knows channels and classes), then backbone, head and the task around them."""
+    """Data first (it knows channels, classes and the other facts the task is told), then backbone, head and
+    the task around them. The optimiser's weight decay goes to the task, which applies it per parameter group."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    backbone_kwargs, head_inputs = backbone_interface(cfg.head._target_)
+    backbone_kwargs, head_kwargs_for = backbone_interface(cfg.head._target_)
     backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, **backbone_kwargs)
-    head = hydra.utils.instantiate(cfg.head, **head_inputs(backbone), num_classes=datamodule.num_classes)
-    task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head,
-                                   optimizer=hydra.utils.instantiate(cfg.optimizer),
+    head = hydra.utils.instantiate(cfg.head, **head_kwargs_for(backbone), num_classes=datamodule.num_classes)
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    weight_decay = optimizer.pop("weight_decay", 0.0)
+    task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head, optimizer=hydra.utils.instantiate(optimizer),
                                    scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                                   num_classes=datamodule.num_classes)
+                                   weight_decay=weight_decay, **data_inputs(cfg.task._target_, datamodule))
     return datamodule, task
 
 
-def resolve_checkpoint(ckpt_path: Optional[str], log_dir: Path, output_dir: Path) -> Optional[str]:
-    """Check a user-given checkpoint early, naming the file when it is missing.
+def data_source(datamodule: pl.LightningDataModule) -> str:
+    """The files or folder the data module reads: its ``data_source`` when it tells, else its root folder."""
+    source = getattr(datamodule, "data_source", None)
+    if source is None:
+        source = next((getattr(datamodule, name) for name in ("root", "folder", "data_dir")
+                       if getattr(datamodule, name, None) is not None), "(not stated by the data module)")
+    return str(source)
 
-    ``last`` means the most recently written ``checkpoints/last.ckpt`` of any earlier run under ``log_dir``.
-    """
-    if ckpt_path is None:
-        return None
-    if ckpt_path == "last":
-        candidates = [p for p in log_dir.glob("**/checkpoints/last.ckpt") if output_dir not in p.parents]
-        if not candidates:
-            raise FileNotFoundError(f"ckpt_path=last: no earlier run under {log_dir} has checkpoints/last.ckpt")
-        return str(max(candidates, key=lambda p: p.stat().st_mtime))
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
-    return str(path)
+
+def checkpoint_to_load(cfg: DictConfig) -> Optional[str]:
+    """``cfg.ckpt_path`` checked (see ``resolve_checkpoint``); ``last`` is resolved once, by rank 0."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last" and process_rank() != 0 and os.environ.get(LAST_CHECKPOINT_ENV):
+        return os.environ[LAST_CHECKPOINT_ENV]
+    resolved = resolve_checkpoint(ckpt_path, Path(cfg.paths.log_dir), run_identity(cfg))
+    if resolved is not None:  # the ranks Lightning launches get ckpt_path=last again: they read this instead
+        os.environ[LAST_CHECKPOINT_ENV] = resolved
+    return resolved
 
 
 def code_version() -> dict[str, Any]:
@@ -135,10 +154,17 @@ def code_version() -> dict[str, Any]:
 
 @rank_zero_only
 def record_run(cfg: DictConfig, output_dir: Path) -> None:
-    """Write the fully resolved config and the code version beside the run's outputs, and print them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (output_dir / "version.json").write_text(json.dumps(code_version(), indent=2))
+    """Write the fully resolved config and the code version of this attempt, and print them.
+
+    They go to ``paths.record_dir``: the run folder, or its ``resume_<n>/`` when a run is continued in its
+    own folder. Files are created new (``config_1.yaml`` if one exists), never written over.
+    """
+    record_dir = Path(cfg.paths.get("record_dir") or output_dir)
+    for name, text in (("config.yaml", OmegaConf.to_yaml(cfg, resolve=True)),
+                       ("version.json", json.dumps(code_version(), indent=2))):
+        _, handle = open_new(record_dir / name)
+        with handle:
+            handle.write(text.encode())
     if cfg.get("print_config"):
         from rich import print as rich_print
         from rich.syntax import Syntax
@@ -151,23 +177,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and/or test as ``cfg.mode`` says; return the final callback metrics."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    check_config(cfg, overrides=HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), output_dir)
+    ckpt_path = checkpoint_to_load(cfg)
     if cfg.mode == "eval" and ckpt_path is None:
         raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt written by run.py>")
+    if ckpt_path is not None:
+        log.info("checkpoint: %s", ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     record_run(cfg, output_dir)
 
     datamodule, task = build_task(cfg)
+    task.run_identity = run_identity(cfg)
+    log.info("data: %s reading %s", type(datamodule).__name__, data_source(datamodule))
     trainer = build_trainer(cfg)
     if cfg.mode == "eval":
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
+    log.info(effective_batch_report(cfg, datamodule.batch_size, trainer.num_devices, trainer.num_nodes,
+                                    trainer.accumulate_grad_batches))
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        log.warning("training stopped by SIGTERM; resume with ckpt_path=%s", output_dir / "checkpoints" / "last.ckpt")
+        log.warning("training stopped by SIGTERM; %s", resume_hint(trainer, output_dir))
         raise SystemExit(128 + signal.SIGTERM) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
@@ -177,6 +210,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for name in sorted(k for k in metrics if k.startswith("test/")):
         log.info("%s = %.4f", name, metrics[name])
     return metrics
+
+
+def resume_hint(trainer: pl.Trainer, output_dir: Path) -> str:
+    """How to continue a stopped run, naming only a checkpoint that exists."""
+    saved = next((c.saved_path for c in trainer.callbacks if isinstance(c, CheckpointOnInterrupt) and c.saved_path),
+                 None)
+    if saved is not None:
+        return f"resume with hydra.run.dir={output_dir} ckpt_path={saved}"
+    checkpoint = trainer.checkpoint_callback
+    written = [Path(p) for p in (checkpoint.last_model_path, checkpoint.best_model_path) if p] if checkpoint else []
+    written = [path for path in written if path.is_file()]
+    if not written:
+        return ("no checkpoint was written (no checkpoint_on_interrupt callback, and no epoch ended with a "
+                "checkpoint), so this run cannot be resumed")
+    newest = max(written, key=lambda path: path.stat().st_mtime)
+    return (f"the stopped state was not saved (no checkpoint_on_interrupt callback); the newest checkpoint is "
+            f"{newest}: resume with hydra.run.dir={output_dir} ckpt_path={newest}, losing the steps after it")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -1,7 +1,8 @@
 """Vision Mamba backbones on one selective-scan core.
 
 Importing this package registers every variant with timm, so ``timm.create_model(name)`` works for
-all of them; ``create_backbone`` is the same with a clear error for unknown names.
+all of them; ``create_backbone`` is the same with a clear error for unknown names. It also registers
+``FX_LEAF_MODULES`` / ``FX_LEAF_FUNCTIONS`` with timm, what torch.fx tracing keeps as single calls.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import timm
 from torch import nn
 
 from . import efficientvmamba, groupmamba, hrvmamba, mhs, msvmamba, vim, vmamba
+from ._fx import FX_LEAF_FUNCTIONS, FX_LEAF_MODULES
 from .ssm import selective_scan
 
-__all__ = ["block_classes", "create_backbone", "family_of", "list_backbones", "selective_scan"]
+__all__ = ["FX_LEAF_FUNCTIONS", "FX_LEAF_MODULES", "block_classes", "create_backbone", "family_of", "list_backbones",
+           "selective_scan"]
 
 _FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim, mhs)
 

@@ -1,5 +1,6 @@
 """What every family's ``checkpoint_filter_fn`` shares: finding the weights inside an official checkpoint
-file and renaming keys with an ordered table of regular-expression rules.
+file, renaming keys with an ordered table of regular-expression rules, and the key layout of the official
+VMamba code base, which both VMamba's and MSVMamba's releases use (MSVMamba's code is a fork of it).
 
 A family file keeps only what is its own: the rule table (``OFFICIAL_KEY_RULES``) and any reshaping
 its layout needs.
@@ -35,3 +36,37 @@ def rename_key(key: str, rules: KeyRules) -> str:
     for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
     return key
+
+
+# The VMamba code base (MzeroMiko/VMamba) -> ours, applied in order with ``re.sub`` (a replacement may be a
+# function of the match). Official stage i ends with its downsample; ours starts stage i + 1 with it.
+VMAMBA_BODY_RULES: KeyRules = [
+    (r"^layers\.(\d+)\.downsample\.(reduction|norm)\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.{m[2]}."),
+    (r"^layers\.(\d+)\.downsample\.1\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
+    (r"^layers\.(\d+)\.downsample\.3\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm1."),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
+    (r"\.op\.", ".mixer."),
+    (r"^classifier\.norm\.", "norm."),
+    (r"^classifier\.head\.", "head."),
+]
+# The v0 release predates the official code's renaming (which its ``_load_from_state_dict`` still does).
+_VMAMBA_V0_NAMES: KeyRules = [
+    (r"^patch_embed\.proj\.", "patch_embed.0."), (r"^patch_embed\.norm\.", "patch_embed.2."),
+    (r"\.ln_1\.", ".norm."), (r"\.self_attention\.", ".op."),
+    (r"^norm\.", "classifier.norm."), (r"^head\.", "classifier.head."),
+]
+VMAMBA_KEY_RULES: Dict[str, KeyRules] = {
+    # v0/v1 code: patch-4 stem (conv, permute, norm) and patch merging.
+    "v1": [*_VMAMBA_V0_NAMES, (r"^patch_embed\.0\.", "stem.proj."), (r"^patch_embed\.2\.", "stem.norm."),
+           *VMAMBA_BODY_RULES],
+    # v2 releases: overlapping stem (conv, -, norm, -, GELU, conv, -, norm) and conv downsampling.
+    "v2": [(r"^patch_embed\.0\.", "stem.conv1."), (r"^patch_embed\.2\.", "stem.norm1."),
+           (r"^patch_embed\.5\.", "stem.conv2."), (r"^patch_embed\.7\.", "stem.norm2."), *VMAMBA_BODY_RULES],
+}
+
+
+def vmamba_generation(state_dict: Mapping[str, Tensor]) -> str:
+    """"v2" for VMamba-code checkpoints with the overlapping stem (``patch_embed.5``), else "v1"."""
+    return "v2" if "patch_embed.5.weight" in state_dict else "v1"

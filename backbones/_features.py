@@ -1,51 +1,166 @@
-"""timm plumbing shared by every hierarchical (stem + stages + norm + head) backbone family:
-the intermediate-feature API, the ImageNet pretrained-cfg defaults and the model builder."""
+"""The timm model surface every family shares, written once: classifier head and its reset, intermediate
+features and their pruning (what ``features_only=True`` uses), gradient checkpointing and weight-decay
+names; plus the ImageNet pretrained-cfg defaults and the model builder."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
+from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
+from .layers import flagged_no_weight_decay
 
-class HierarchicalFeaturesMixin:
-    """``forward_intermediates``/``prune_intermediate_layers`` for models with ``stem``, ``stages``
-    (NCHW in and out), a final ``norm`` and a ``head``; this is what ``features_only=True`` uses."""
+
+class MambaBackbone(nn.Module):
+    """Base class of every family's model: timm's model API, written once on top of a few family hooks.
+
+    A family sets ``feature_info`` (one entry per feature level, finest first) and calls
+    ``_init_classifier`` where its classifier sits in the parameter order. The feature hooks default to the
+    staged layout (``stem``, then ``stages`` whose outputs are the levels; VMamba, MSVMamba,
+    EfficientVMamba, GroupMamba): ``_forward_levels`` (run the model, collect level maps),
+    ``_finish_features`` (what ``forward_features`` adds after the last level), ``_norm_level`` (what
+    ``norm=True`` does to the last level) and ``_prune_levels`` (what pruning removes). Classifier
+    hooks: ``_pool`` (how ``global_pool`` reduces the features), ``_reset_heads`` and ``_prune_head``.
+
+    Class attributes: ``global_pools``, the ``global_pool`` values ``_pool`` knows; ``final_norm``, the
+    attribute that ``prune_norm`` replaces with ``nn.Identity`` (None when there is no final norm);
+    ``level_modules``, whether timm's module-based feature extractors can read the levels.
+    """
+
+    global_pools: Tuple[str, ...] = ("avg", "")
+    final_norm: Optional[str] = "norm"
+    # Whether each feature level is the output of its ``feature_info`` module in ``forward``, which timm's
+    # hook and FX feature extractors read (``features_only`` with ``feature_cls`` other than "getter").
+    level_modules: bool = True
+
+    def _init_classifier(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
+                         global_pool: str = "avg") -> None:
+        """Classifier attributes, dropout and head(s) of ``num_features`` inputs (call where they belong)."""
+        self.num_classes = num_classes
+        self.global_pool = self._checked_pool(global_pool)
+        self.num_features = self.head_hidden_size = num_features
+        self.drop_rate = drop_rate
+        self.head_drop = nn.Dropout(drop_rate)
+        self._reset_heads(num_classes)
+
+    def _checked_pool(self, global_pool: str) -> str:
+        if global_pool not in self.global_pools:
+            choices = ", ".join(repr(pool) for pool in self.global_pools[:-1]) + f" or {self.global_pools[-1]!r}"
+            raise ValueError(f"{type(self).__name__}: global_pool must be {choices}, got {global_pool!r}")
+        return global_pool
+
+    def _linear_head(self, num_classes: int) -> nn.Module:
+        """A classifier on the model's device and dtype, in its training mode (also when reset later)."""
+        head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) if num_classes > 0 else nn.Identity()
+        return head.train(self.training)
+
+    def _reset_heads(self, num_classes: int) -> None:
+        self.head = self._linear_head(num_classes)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, ...]]:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = self._checked_pool(global_pool)
+        self._reset_heads(num_classes)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """``forward_features``'s (B, C, H, W) map -> (B, C) with "avg"; unchanged with ""."""
+        return x.mean(dim=(2, 3)) if self.global_pool == "avg" else x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self._pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self._finish_features(self._forward_levels(x, [], stop_early=False)[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of the SSM's A_logs and Ds, which the official recipes keep out of weight decay."""
+        return flagged_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every unit that offers it (stages, HRVMamba's modules, Vim's block loop)."""
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
+
+    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[Any, List[Tensor]]:
+        """The model's state after its last level (for ``_finish_features``) and the NCHW maps of the levels
+        ``indices`` (increasing); with ``stop_early`` the model may stop after the last of them."""
+        stages = self.stages[: indices[-1] + 1] if stop_early else self.stages
+        maps = []
+        x = self.stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in indices:
+                maps.append(x)
+        return x, maps
+
+    def _finish_features(self, state: Any) -> Tensor:
+        """``forward_features``'s output from the state ``_forward_levels`` ends in."""
+        return state
+
+    def _norm_level(self, feature: Tensor) -> Tensor:
+        """The last level's map as ``forward_intermediates(norm=True)`` returns it."""
+        return feature
+
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """Remove what only computes levels other than ``indices`` (the kept ones, increasing; with
+        ``prune_head`` also what only the head needed) and trim ``feature_info`` after the last of them;
+        True when the final norm and head no longer fit."""
+        index = indices[-1]
+        if index == len(self.stages) - 1:
+            return False
+        self.stages = self.stages[: index + 1]
+        self.feature_info = self.feature_info[: index + 1]
+        self.num_features = self.head_hidden_size = self.feature_info[index]["num_chs"]
+        return True
+
+    def _prune_head(self) -> None:
+        self.reset_classifier(0, "")
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Run the stages and return the NCHW outputs of those in ``indices`` (all by default)."""
+        """The maps of the feature levels in ``indices`` (all by default), finest first, and
+        ``forward_features``'s output (of the part that ran, with ``stop_early``)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        levels = sorted(set(take_indices))
+        state, maps = self._forward_levels(x, levels, stop_early and not torch.jit.is_scripting())
+        last = len(self.feature_info) - 1
         intermediates = []
-        x = self.stem(x)
-        for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
-                feature = self.norm(x) if norm and index == len(self.stages) - 1 else x
-                intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        for index, feature in zip(levels, maps):
+            feature = self._norm_level(feature) if norm and index == last else feature
+            intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
+        return intermediates if intermediates_only else (self._finish_features(state), intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested feature (and the norm/head when asked)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if max_index < len(self.stages) - 1:
-            self.stages = self.stages[: max_index + 1]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            prune_norm = True
-        if prune_norm:
-            self.norm = nn.Identity()
+        """Drop what comes after the last requested level where the family can, and the final norm and head
+        when asked or when they no longer fit."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        if self._prune_levels(sorted(set(take_indices)), prune_head):
+            prune_norm = prune_head = True
+        if prune_norm and self.final_norm is not None:
+            setattr(self, self.final_norm, nn.Identity())
         if prune_head:
-            self.reset_classifier(0, "")
+            self._prune_head()
         return take_indices
 
 
@@ -58,8 +173,41 @@ def imagenet_cfg(url: str = "", **kwargs: Any) -> dict:
     }
 
 
-def create_hierarchical(model_cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """``build_model_with_cfg`` with 4-stage ``features_only`` support through ``forward_intermediates``."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(model_cls, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+@contextmanager
+def factory_defaults(device: Optional[Union[str, torch.device]] = None,
+                     dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """Create tensors on ``device`` and floating-point tensors in ``dtype`` inside the block (None keeps
+    PyTorch's defaults). ``dtype`` is set with ``torch.set_default_dtype``, which is process-wide: build
+    models with different dtypes from one thread at a time."""
+    previous_dtype = torch.get_default_dtype()
+    with torch.device(device) if device is not None else nullcontext():
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous_dtype)
+
+
+def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
+                   device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+                   **kwargs: Any) -> nn.Module:
+    """``build_model_with_cfg`` with ``features_only`` served by ``forward_intermediates`` (four levels
+    unless ``out_indices`` says otherwise).
+
+    ``device`` and ``dtype`` (which ``timm.create_model`` passes on) are where and in which floating-point
+    type the parameters and buffers are created: ``device="meta"`` builds the structure without allocating
+    memory, ``device="cuda"`` initialises directly on the GPU. Pretrained weights load after construction.
+    """
+    feature_cfg = {"out_indices": kwargs.pop("out_indices", (0, 1, 2, 3)), "feature_cls": "getter",
+                   **kwargs.pop("feature_cfg", {})}
+    feature_cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
+    if kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet) and not model_cls.level_modules:
+        raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}: its "
+                         "feature levels are not outputs of modules, which timm's hook and FX extractors read")
+
+    def construct(**model_kwargs: Any) -> nn.Module:
+        with factory_defaults(device, dtype):
+            return model_cls(**model_kwargs)
+
+    return build_model_with_cfg(construct, variant, pretrained, feature_cfg=feature_cfg, **kwargs)

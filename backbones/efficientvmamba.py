@@ -13,7 +13,7 @@ module's names (official stage i ends with its downsample, ours starts stage i +
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Sequence, Union
+from typing import Callable, Dict
 
 import torch
 from timm.layers import DropPath
@@ -22,12 +22,14 @@ from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import build_backbone, imagenet_cfg
+from .hierarchical import HierarchicalMamba
+from .layers import ChannelsLastStage, Stage
 from .scan_patterns import AtrousScan
 from .ss2d import SS2D
-from .vmamba import PatchEmbed, PatchMerging, Stage, VMamba, VSSStage
 
-__all__ = ["BiAttn", "EfficientVMamba", "EVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn"]
+__all__ = ["BiAttn", "EVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn", "inverted_residual",
+           "rename_official_key"]
 
 
 class BiAttn(nn.Module):
@@ -79,61 +81,12 @@ class EVSSBlock(nn.Module):
         return x + self.drop_path(self.attn(self.mixer(normed)) + self.attn(local))
 
 
-class EfficientVMamba(VMamba):
-    """EfficientVMamba image classifier / backbone (timm model API).
-
-    Shares VMamba's model surface (stem, NCHW stages, final norm, head, features, weight-decay
-    names, grad checkpointing); only the stages differ, so only construction is defined here.
-
-    Args:
-        in_chans: input image channels.
-        num_classes: classifier outputs; 0 gives pooled features.
-        depths: blocks per stage.
-        dims: channels per stage, or the first stage's (doubled per stage).
-        num_ssm_stages: how many leading stages use EVSS blocks; the rest use inverted residuals.
-        d_state: SSM state size.
-        ssm_ratio: ES2D inner width as a multiple of the stage width.
-        dt_rank: dt projection rank or "auto".
-        ir_expand_ratio: inverted-residual expansion.
-        ir_se_ratio: inverted-residual squeeze-excite reduction, relative to the expanded width.
-        stem_layer: ``(in_chans, dim) -> module`` for the stride-4 stem.
-        downsample_layer: ``(dim, out_dim) -> module`` between stages.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth, increasing linearly over all blocks.
-        global_pool: "avg" or "" (no pooling).
-        scan_backend: selective-scan backend for every ES2D.
-    """
-
-    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 4, 2),
-                 dims: Union[int, Sequence[int]] = 48, num_ssm_stages: int = 2, d_state: int = 16,
-                 ssm_ratio: float = 2.0, dt_rank: Union[int, str] = "auto", ir_expand_ratio: float = 4.0,
-                 ir_se_ratio: float = 0.125, stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
-                 downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto") -> None:
-        super(VMamba, self).__init__()  # VMamba's constructor builds VSS stages; ours builds EVSS/IR stages.
-        if isinstance(dims, int):
-            dims = [dims * 2 ** i for i in range(len(depths))]
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.drop_rate = drop_rate
-        self.stem = stem_layer(in_chans, dims[0])
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear, meta-safe
-        ssm_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, gated=True, scan_backend=scan_backend)
-        se_layer = partial(SqueezeExcite, rd_ratio=ir_se_ratio)
-        stages, self.feature_info = [], []
-        for i, dim in enumerate(dims):
-            downsample = downsample_layer(dims[i - 1], dim) if i else nn.Identity()
-            stage_rates = rates[sum(depths[:i]): sum(depths[:i + 1])]
-            if i < num_ssm_stages:
-                stages.append(VSSStage(downsample, [EVSSBlock(dim, rate, **ssm_kwargs) for rate in stage_rates]))
-            else:
-                blocks = [InvertedResidual(dim, dim, exp_ratio=ir_expand_ratio, act_layer=nn.ReLU, se_layer=se_layer,
-                                           drop_path_rate=rate) for rate in stage_rates]
-                stages.append(Stage(downsample, blocks))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self._init_head(dims[-1], num_classes, drop_rate)
+def inverted_residual(dim: int, drop_path: float = 0.0, expand_ratio: float = 4.0,
+                      se_ratio: float = 0.125) -> nn.Module:
+    """The late stages' block: timm's MobileNetV2 inverted residual (ReLU) with squeeze-excite, whose
+    reduction ``se_ratio`` is relative to the expanded width."""
+    return InvertedResidual(dim, dim, exp_ratio=expand_ratio, act_layer=nn.ReLU,
+                            se_layer=partial(SqueezeExcite, rd_ratio=se_ratio), drop_path_rate=drop_path)
 
 
 # Official key -> ours, applied in order with ``re.sub`` (a replacement may be a function of the match).
@@ -177,9 +130,20 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     return {rename_official_key(k): v for k, v in state_dict.items()}
 
 
-def _create_efficientvmamba(variant: str, pretrained: bool = False, **kwargs) -> EfficientVMamba:
-    return create_hierarchical(EfficientVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                               **kwargs)
+# The options of the EVSS blocks' ES2D mixer (the rest configure the skeleton).
+_ES2D_ARGS = ("d_state", "ssm_ratio", "dt_rank", "scan_backend")
+
+
+def _create_efficientvmamba(variant: str, pretrained: bool = False, num_ssm_stages: int = 2,
+                            ir_expand_ratio: float = 4.0, ir_se_ratio: float = 0.125, **kwargs) -> HierarchicalMamba:
+    """The hierarchical skeleton with EVSS stages (channels-last) first and inverted-residual stages (NCHW)
+    after them: ``num_ssm_stages`` EVSS stages, ES2D options in ``_ES2D_ARGS``, ``ir_*`` for the rest."""
+    evss = partial(EVSSBlock, **{name: kwargs.pop(name) for name in _ES2D_ARGS if name in kwargs})
+    inverted = partial(inverted_residual, expand_ratio=ir_expand_ratio, se_ratio=ir_se_ratio)
+    num_ir_stages = len(kwargs["depths"]) - num_ssm_stages
+    return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                          block_layer=[evss] * num_ssm_stages + [inverted] * num_ir_stages,
+                          stage_layer=[ChannelsLastStage] * num_ssm_stages + [Stage] * num_ir_stages, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
@@ -201,14 +165,14 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model
-def efficientvmamba_tiny(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+def efficientvmamba_tiny(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """EfficientVMamba-T: 6.494 M parameters (official training log), 76.5 % top-1."""
     args = dict(depths=(2, 2, 4, 2), dims=48, drop_path_rate=0.1)
     return _create_efficientvmamba("efficientvmamba_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def efficientvmamba_small(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+def efficientvmamba_small(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """EfficientVMamba-S: 11.274 M parameters (official training log), 78.7 % top-1.
 
     Matches the released model (dims 64, as printed in ``log_efficient_vmamba_small.txt``), not the
@@ -219,14 +183,14 @@ def efficientvmamba_small(pretrained: bool = False, **kwargs) -> EfficientVMamba
 
 
 @register_model
-def efficientvmamba_base(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+def efficientvmamba_base(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """EfficientVMamba-B: 33.717 M parameters (official training log), 81.8 % top-1."""
     args = dict(depths=(2, 2, 9, 2), dims=96, drop_path_rate=0.1)
     return _create_efficientvmamba("efficientvmamba_base", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def test_efficientvmamba(pretrained: bool = False, **kwargs) -> EfficientVMamba:
+def test_efficientvmamba(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """Smallest EfficientVMamba for tests (timm's ``test_*`` convention)."""
     args = dict(depths=(1, 1, 1, 1), dims=8, d_state=2, drop_path_rate=0.0)
     return _create_efficientvmamba("test_efficientvmamba", pretrained, **dict(args, **kwargs))

@@ -18,39 +18,24 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
-from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
+from ._features import MambaBackbone, build_backbone, imagenet_cfg
+from .layers import ChannelGate, ChannelsLastStage, ConvDownsample, LayerNorm2d, build_stages, init_linear_trunc_normal
 from .scan_patterns import CrossScan, RouteConcat
 from .ss2d import SS2D
-from .vmamba import ConvDownsample, Stage
 
 __all__ = ["ClassBlock", "GroupMamba", "GroupMambaBlock", "ModulatedGroupMamba", "OFFICIAL_KEY_RULES",
            "checkpoint_filter_fn", "rename_official_key"]
 
 # Route k of ``CrossScan`` that group k scans: row-major, column-major, and their reverses.
 GROUP_ROUTES = (0, 1, 2, 3)
-
-
-class ChannelAffinity(nn.Module):
-    """Squeeze-excite gate from a channels-last map: spatial mean -> fc -> ReLU -> fc -> sigmoid, (b, C)."""
-
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(channels, channels // reduction)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(channels // reduction, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(1, 2))))))
 
 
 class ModulatedGroupMamba(nn.Module):
@@ -75,7 +60,7 @@ class ModulatedGroupMamba(nn.Module):
         if dim % len(routes):
             raise ValueError(f"ModulatedGroupMamba: dim={dim} must be divisible by the {len(routes)} groups")
         self.norm = nn.LayerNorm(dim)
-        self.affinity = ChannelAffinity(dim, reduction)
+        self.affinity = ChannelGate(dim, reduction)
         self.groups = nn.ModuleList(
             SS2D(dim // len(routes), d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv, conv_bias=True,
                  gated=True, pattern=RouteConcat(CrossScan(), (route,)), scan_backend=scan_backend)
@@ -88,12 +73,13 @@ class ModulatedGroupMamba(nn.Module):
         x = self.norm(x)
         gate = self.affinity(x)
         chunks = x.chunk(len(self.groups), dim=-1)
-        y = torch.cat([group(chunk) for group, chunk in zip(self.groups, chunks)], dim=-1)
-        y = y * self.skip_scale * x * gate[:, None, None, :]
+        # Chunks by index, not zip: FX tracing cannot iterate the traced tuple.
+        y = torch.cat([group(chunks[i]) for i, group in enumerate(self.groups)], dim=-1)
+        y = y * self.skip_scale * x * gate
         return self.proj(self.norm(y))
 
 
-class ConvFFN(nn.Module):
+class DepthwiseConvMlp(nn.Module):
     """PVT-v2 feed-forward on channels-last maps: fc1 -> 3x3 depthwise conv -> GELU -> fc2."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -109,7 +95,7 @@ class ConvFFN(nn.Module):
 
 
 class GroupMambaBlock(nn.Module):
-    """x + DropPath(ModulatedGroupMamba(x)), then x + DropPath(ConvFFN(norm2(x))); channels-last.
+    """x + DropPath(ModulatedGroupMamba(x)), then x + DropPath(DepthwiseConvMlp(norm2(x))); channels-last.
 
     The mixer normalises its own input, so there is no norm1.
     """
@@ -119,7 +105,7 @@ class GroupMambaBlock(nn.Module):
         super().__init__()
         self.mixer = ModulatedGroupMamba(dim, **mixer_kwargs)
         self.norm2 = norm_layer(dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
+        self.mlp = DepthwiseConvMlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,18 +157,7 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x))
 
 
-class GroupMambaStage(Stage):
-    """Optional downsample, blocks (channels-last), then the stage norm; NCHW in and out."""
-
-    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module], norm: nn.Module) -> None:
-        super().__init__(downsample, blocks)
-        self.norm = norm
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.run_blocks(self.downsample(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-
-
-class GroupMamba(nn.Module):
+class GroupMamba(MambaBackbone):
     """GroupMamba image classifier / backbone (timm model API).
 
     Distillation contract (``distilled=True``, as the released models): the model has two heads on the
@@ -216,37 +191,26 @@ class GroupMamba(nn.Module):
                  reduction: int = 16, distilled: bool = True, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  global_pool: str = "avg", scan_backend: str = "auto") -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"GroupMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool, self.distilled = num_classes, global_pool, distilled
-        self.distilled_training = True
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.drop_rate = drop_rate
+        self.in_chans = in_chans
+        self.distilled, self.distilled_training = distilled, True
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # the official stage, block and class-block norms
         mixer_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv, reduction=reduction,
                             scan_backend=scan_backend)
         self.stem = ConvStem(in_chans, stem_hidden_dim, embed_dims[0])
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
-        stages, self.feature_info = [], []
-        for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
-            downsample = ConvDownsample(embed_dims[i - 1], dim) if i else nn.Identity()
-            blocks = [GroupMambaBlock(dim, mlp_ratios[i], rates[sum(depths[:i]) + j], norm_layer, **mixer_kwargs)
-                      for j in range(depth)]
-            # The last stage's norm is applied to the class token instead (``self.norm``).
-            norm = norm_layer(dim) if i < len(depths) - 1 else nn.Identity()
-            stages.append(GroupMambaStage(downsample, blocks, norm))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
+        block_layers = [partial(GroupMambaBlock, mlp_ratio=ratio, norm_layer=norm_layer, **mixer_kwargs)
+                        for ratio in mlp_ratios]
+        # Stages 1-3 end with a norm; the last stage's is applied to the class token instead (``self.norm``).
+        stage_layers = [partial(ChannelsLastStage, norm_layer=norm_layer)] * (len(depths) - 1) + [ChannelsLastStage]
+        self.stages, self.feature_info = build_stages(depths, embed_dims, block_layers, stage_layers, ConvDownsample,
+                                                      drop_path_rate)
         self.cls_block = ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer, **mixer_kwargs)
         self.norm = norm_layer(embed_dims[-1])
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head, self.head_dist = self._make_heads(num_classes)
+        self._init_classifier(embed_dims[-1], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)
 
-    def _make_heads(self, num_classes: int) -> Tuple[nn.Module, Optional[nn.Module]]:
-        def linear() -> nn.Module:
-            return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        return linear(), (linear() if self.distilled else None)
+    def _reset_heads(self, num_classes: int) -> None:
+        super()._reset_heads(num_classes)
+        self.head_dist = self._linear_head(num_classes) if self.distilled else None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -259,20 +223,10 @@ class GroupMamba(nn.Module):
                 nn.init.zeros_(module.bias)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return flagged_no_weight_decay(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
             (r"^stages\.(\d+)\.norm", (99998,)), (r"^cls_block|^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -283,63 +237,22 @@ class GroupMamba(nn.Module):
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
         return (self.head, self.head_dist) if self.distilled else self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"GroupMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head, self.head_dist = self._make_heads(num_classes)
+    def _norm_level(self, feature: Tensor) -> Tensor:
+        """The final norm (which the classifier applies to the class token), over the map's channels."""
+        return self.norm(feature.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """NCHW outputs of the stages in ``indices`` (all by default); stages 1-3 end with their norm.
+    def _prune_head(self) -> None:
+        self.cls_block = nn.Identity()
+        super()._prune_head()
 
-        ``norm=True`` also normalises the last stage's map with the final norm (which the classifier
-        applies to the class token).
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        last = len(self.stages) - 1
-        for index, stage in enumerate(stages):
-            x = stage(x)
-            if index in take_indices:
-                feature = x.permute(0, 2, 3, 1)
-                if norm and index == last:
-                    feature = self.norm(feature)
-                intermediates.append(feature if output_fmt == "NHWC" else feature.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested feature, and the class block / norm / heads."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if max_index < len(self.stages) - 1:
-            self.stages = self.stages[: max_index + 1]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            prune_norm = prune_head = True
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.cls_block = nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Stage-4 map, NCHW and unpooled."""
-        return self.stages(self.stem(x))
+    def _pool(self, x: Tensor) -> Tensor:
+        """The class token: the stage-4 mean refined by the class block, then the final norm."""
+        return self.norm(self.cls_block(x.mean(dim=(2, 3))))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         if not self.global_pool:
             return x
-        token = self.head_drop(self.norm(self.cls_block(x.mean(dim=(2, 3)))))
+        token = super().forward_head(x, pre_logits=True)
         if pre_logits or self.num_classes == 0:
             return token
         logits = self.head(token)
@@ -349,9 +262,6 @@ class GroupMamba(nn.Module):
         if self.training and self.distilled_training and not torch.jit.is_scripting():
             return logits, dist_logits
         return (logits + dist_logits) / 2
-
-    def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        return self.forward_head(self.forward_features(x))
 
 
 # Official key -> ours, applied in order with ``re.sub``. Official: ``patch_embed1`` (stem: conv.{0,3,6}
@@ -398,8 +308,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
 
 def _create_groupmamba(variant: str, pretrained: bool = False, **kwargs) -> GroupMamba:
-    return create_hierarchical(GroupMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                               **kwargs)
+    return build_backbone(GroupMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

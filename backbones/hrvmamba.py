@@ -26,20 +26,19 @@ Key layout: the official names are kept except inside the DVSS blocks; ``OFFICIA
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
 from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .dcnv4 import DCNv4
-from .layers import LayerNorm2d, flagged_no_weight_decay, init_linear_trunc_normal
+from .layers import LayerNorm2d, init_linear_trunc_normal
 from .ss2d import SS2D, resolve_dt_rank
 
 __all__ = ["DVSSBlock", "HRVMamba", "HRVMambaModule", "MultiScaleDWConv", "OFFICIAL_KEY_RULES",
@@ -71,7 +70,8 @@ class MultiScaleDWConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         chunks = self.norm(x).chunk(len(self.convs), dim=1)
-        y = torch.cat([conv(chunk) for conv, chunk in zip(self.convs, chunks)], dim=1)
+        # Chunks by index, not zip: FX tracing cannot iterate the traced tuple.
+        y = torch.cat([conv(chunks[i]) for i, conv in enumerate(self.convs)], dim=1)
         return x + self.act(channel_shuffle(y, len(self.convs)))
 
 
@@ -95,18 +95,20 @@ class DVSSBlock(nn.Module):
         ssm_ratio: DSS2D inner width as a multiple of dim.
         mlp_ratio: MLP hidden width as a multiple of dim.
         ssm_drop_rate: dropout after the DSS2D output projection.
+        mlp_drop_rate: dropout after the MLP's activation and output (the pose recipes' ``mlp_drop_rate``).
         scan_backend: selective-scan backend.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 1, ssm_ratio: float = 2.0,
-                 mlp_ratio: float = 2.0, ssm_drop_rate: float = 0.0, scan_backend: str = "auto") -> None:
+                 mlp_ratio: float = 2.0, ssm_drop_rate: float = 0.0, mlp_drop_rate: float = 0.0,
+                 scan_backend: str = "auto") -> None:
         super().__init__()
         self.local = MultiScaleDWConv(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.mixer = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, gated=False, dropout=ssm_drop_rate,
                           conv_layer=deformable_conv_layer(dim), scan_backend=scan_backend)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=mlp_drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -152,23 +154,36 @@ class HRVMambaModule(nn.Module):
         num_out = len(widths) if multiscale_output else 1
         self.fuse_layers = nn.ModuleList(
             nn.ModuleList(_fuse_layer(widths, i, j) for j in range(len(widths))) for i in range(num_out))
+        # One activation per output branch: each output map is a module's output, which timm's hook and
+        # FX feature extractors (``feature_info`` module names) read.
+        self.fuse_acts = nn.ModuleList(nn.ReLU() for _ in range(num_out))
         self.grad_checkpointing = False
 
-    def forward(self, xs: List[Tensor]) -> List[Tensor]:
+    def drop_outputs(self, keep: Sequence[int]) -> None:
+        """Stop fusing into the output branches not in ``keep`` (pruning): their exchange layers go."""
+        for i in range(len(self.fuse_layers)):
+            if i not in keep:
+                self.fuse_layers[i] = nn.ModuleList()
+
+    def forward(self, xs: List[Tensor], outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """The fused maps of the output branches ``outputs`` (all by default), in that order."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             from timm.models import checkpoint_seq
             xs = [checkpoint_seq(branch, x) for branch, x in zip(self.branches, xs)]
         else:
             xs = [branch(x) for branch, x in zip(self.branches, xs)]
         fused = []
-        for i, layers in enumerate(self.fuse_layers):
+        for i in range(len(self.fuse_layers)) if outputs is None else outputs:
+            layers = self.fuse_layers[i]
+            if len(layers) == 0:
+                raise ValueError(f"HRVMamba: output branch {i} was pruned (prune_intermediate_layers)")
             y = xs[i]
             for j, layer in enumerate(layers):
                 if j > i:
                     y = y + F.interpolate(layer(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
                 elif j < i:
                     y = y + layer(xs[j])
-            fused.append(F.relu(y))
+            fused.append(self.fuse_acts[i](y))
         return fused
 
 
@@ -217,7 +232,7 @@ class ClassificationNeck(nn.Module):
         return self.final_layer(y)
 
 
-class HRVMamba(nn.Module):
+class HRVMamba(MambaBackbone):
     """HRVMamba classifier / multi-resolution backbone (timm model API).
 
     Args:
@@ -232,6 +247,7 @@ class HRVMamba(nn.Module):
         ssm_ratio: DSS2D inner width.
         mlp_ratio: DVSS MLP width.
         ssm_drop_rate: dropout after each DSS2D.
+        mlp_drop_rate: dropout in each DVSS MLP.
         multiscale_output: fuse into every branch at the end (features at 4 strides and the classifier
             neck) or only into the stride-4 branch (the pose-estimation backbone; one output, no neck).
         neck_widths: per-branch widths of the classification neck.
@@ -242,20 +258,20 @@ class HRVMamba(nn.Module):
         scan_backend: selective-scan backend.
     """
 
+    final_norm = None  # the branches are not normalised at the end
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, widths: Sequence[int] = (80, 160, 320, 640),
                  stage1_planes: int = 64, num_modules: Sequence[int] = (1, 4, 2), depth: int = 2,
                  stem_width: int = 64, d_state: int = 1, ssm_ratio: float = 2.0, mlp_ratio: float = 2.0,
-                 ssm_drop_rate: float = 0.0, multiscale_output: bool = True,
+                 ssm_drop_rate: float = 0.0, mlp_drop_rate: float = 0.0, multiscale_output: bool = True,
                  neck_widths: Sequence[int] = (128, 256, 512, 1024), num_features: int = 2048,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
                  scan_backend: str = "auto") -> None:
         super().__init__()
+        self.in_chans = in_chans
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
         self.widths, self.multiscale_output = tuple(widths), multiscale_output
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
@@ -265,7 +281,7 @@ class HRVMamba(nn.Module):
         self.layer1 = nn.Sequential(_bottleneck(stem_width, stage1_planes),
                                     _bottleneck(stage1_planes * 4, stage1_planes))
         block_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio, ssm_drop_rate=ssm_drop_rate,
-                            scan_backend=scan_backend)
+                            mlp_drop_rate=mlp_drop_rate, scan_backend=scan_backend)
         total = depth * sum(num_modules)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         pre, start = [stage1_planes * 4], 0
@@ -282,12 +298,11 @@ class HRVMamba(nn.Module):
             pre = cur
         self.num_stages = len(num_modules)
         outputs = widths if multiscale_output else widths[:1]
-        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"stage{self.num_stages + 1}")
+        last_module = f"stage{self.num_stages + 1}.{num_modules[-1] - 1}"
+        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"{last_module}.fuse_acts.{i}")
                              for i, w in enumerate(outputs)]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
-        self.num_features = self.head_hidden_size = num_features if multiscale_output else widths[0]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(num_features if multiscale_output else widths[0], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -297,11 +312,6 @@ class HRVMamba(nn.Module):
         init_linear_trunc_normal(module)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM's A_logs and Ds, which the official recipe keeps out of weight decay."""
-        return flagged_no_weight_decay(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         # Ordinals (stage, module): stage 1 is layer1; transition k sits between stages k and k + 1.
         return dict(stem=r"^conv[12]|^bn[12]", blocks=[
@@ -309,70 +319,48 @@ class HRVMamba(nn.Module):
             (r"^stage(\d+)" if coarse else r"^stage(\d+)\.(\d+)", None),
             (r"^transition(\d+)", (99,)), (r"^neck", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for module in self.modules():
-            if isinstance(module, HRVMambaModule):
-                module.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"HRVMamba: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_branches(self, x: Tensor) -> List[Tensor]:
-        """Stem, stage 1 and the multi-resolution stages; the final branch maps, finest first."""
+    def forward_branches(self, x: Tensor, outputs: Optional[List[int]] = None) -> List[Tensor]:
+        """Stem, stage 1 and the multi-resolution stages; the final maps of the output branches ``outputs``
+        (all by default), in that order."""
         x = self.layer1(self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))))
         xs = [x]
         for s in range(self.num_stages):
             transition = getattr(self, f"transition{s + 1}")
             xs = [layer(xs[i] if i < len(xs) else xs[-1]) for i, layer in enumerate(transition)]
-            xs = getattr(self, f"stage{s + 2}")(xs)
+            modules = getattr(self, f"stage{s + 2}")
+            for module in modules[:-1]:
+                xs = module(xs)
+            xs = modules[-1](xs, outputs if s == self.num_stages - 1 else None)
         return xs
 
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """The branch maps in ``indices`` (all by default), NCHW, finest first (there is no final norm)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        xs = self.forward_branches(x)
-        intermediates = [xs[i].permute(0, 2, 3, 1) if output_fmt == "NHWC" else xs[i] for i in take_indices]
-        if intermediates_only:
-            return intermediates
-        return (self.neck(xs) if self.neck is not None else xs[0]), intermediates
+    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[List[Tensor], List[Tensor]]:
+        """Every branch is computed even with ``stop_early`` (the exchange units need them all); the last
+        exchange unit fuses into the requested levels and what ``_finish_features`` needs: every branch
+        for the neck, else the last level."""
+        last = len(self.feature_info) - 1
+        outputs = list(range(last + 1)) if self.neck is not None else sorted(set(indices) | {last})
+        xs = self.forward_branches(x, outputs)
+        return xs, [xs[outputs.index(i)] for i in indices]
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop the classification neck and head (all branches are needed for the exchange units)."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
-            self.neck = None
-            self.num_features = self.head_hidden_size = self.widths[0]
-            self.reset_classifier(0, "")
-        return take_indices
+    def _finish_features(self, state: List[Tensor]) -> Tensor:
+        """The classification neck's stride-32 map, or without a neck the last output branch (the stride-4
+        branch of the pose model, the last kept level of a pruned model); NCHW."""
+        return self.neck(state) if self.neck is not None else state[-1]
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The classification neck's stride-32 map, or the stride-4 branch without a neck; NCHW."""
-        xs = self.forward_branches(x)
-        return self.neck(xs) if self.neck is not None else xs[0]
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """Once the neck goes (with the head, or when the last level does: it needs every branch), the last
+        exchange unit stops fusing into the branches other than ``indices``; every branch still feeds it."""
+        if indices[-1] == len(self.feature_info) - 1 and not prune_head:
+            return False
+        getattr(self, f"stage{self.num_stages + 1}")[-1].drop_outputs(indices)
+        self.feature_info = self.feature_info[: indices[-1] + 1]
+        return True
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _prune_head(self) -> None:
+        """The classification neck goes with the head; the features are then the last output branch."""
+        self.neck = None
+        self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+        super()._prune_head()
 
 
 # Official key -> ours, applied in order with ``re.sub``. Only the DVSS blocks differ: official
@@ -409,7 +397,8 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     """Convert a released HRVMamba checkpoint to this module's keys (no shape changes needed).
 
     A state dict already in our layout passes through unchanged. The classification neck and head are
-    dropped when the model has none (a features-only or ``num_classes=0`` model). Pose checkpoints
+    dropped when the model has none (a features-only or ``num_classes=0`` model), and so are the exchange
+    layers that pruning removed. Pose checkpoints
     match ``multiscale_output=False`` models; loading them into the default (multiscale) model leaves
     the extra exchange layers of the last module and the neck to be trained.
     """
@@ -418,6 +407,10 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
         state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
     if getattr(model, "neck", None) is None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("neck.")}
+    pruned = tuple(f"{name}.fuse_layers.{i}." for name, module in model.named_modules()
+                   if isinstance(module, HRVMambaModule) for i, layers in enumerate(module.fuse_layers) if not layers)
+    if pruned:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
     if not isinstance(getattr(model, "head", None), nn.Linear):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     return state_dict
@@ -426,7 +419,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:
     default_indices = (0, 1, 2, 3) if kwargs.get("multiscale_output", True) else (0,)
     kwargs.setdefault("out_indices", default_indices)
-    return create_hierarchical(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_backbone(HRVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -36,10 +36,11 @@ from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._checkpoint import unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._features import build_backbone, imagenet_cfg
+from .hierarchical import HierarchicalMamba
+from .layers import PatchMerging, PatchStem, VSSBlock
 from .scan_patterns import RouteTable
 from .ss2d import RouteSSM, resolve_dt_rank
-from .vmamba import VMamba
 
 __all__ = ["MHS_ROUTES", "MultiHeadScan", "MultiHeadScanMixer", "ScanHead", "ScanRouteAttention",
            "checkpoint_filter_fn"]
@@ -183,8 +184,9 @@ class MultiHeadScan(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(batch, dim, height, width) -> (batch, height, width, dim)."""
         batch, _, height, width = x.shape
-        subspaces = torch.einsum("bchw,oc->bohw", x, self.subspace_proj.weight).split(self.head_dim, dim=1)
-        y = torch.cat([head(part) for head, part in zip(self.heads, subspaces)], dim=1)
+        subspaces = torch.einsum("bchw,oc->bohw", x, self.subspace_proj.weight)
+        step = self.head_dim
+        y = torch.cat([head(subspaces[:, i * step:(i + 1) * step]) for i, head in enumerate(self.heads)], dim=1)
         return self.proj(self.norm(y.transpose(1, 2))).reshape(batch, height, width, -1)
 
 
@@ -257,11 +259,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
 
 def _create_mhs_vmamba(variant: str, pretrained: bool = False, routes: str = "CXSZ", sra_threshold: float = 0.0,
-                       with_proj: bool = True, **kwargs) -> VMamba:
-    """A VMamba whose blocks mix with ``MultiHeadScanMixer``."""
+                       with_proj: bool = True, **kwargs) -> HierarchicalMamba:
+    """The hierarchical skeleton with VSS blocks whose mixer is ``MultiHeadScanMixer``; the other options than the
+    skeleton's go to every block and its mixer (``d_state``, ``ssm_ratio``, ``gated``, ``mlp_ratio``, ...)."""
     mixer = partial(MultiHeadScanMixer, routes=routes, sra_threshold=sra_threshold, with_proj=with_proj)
-    return create_hierarchical(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                               mixer_layer=mixer, **kwargs)
+    return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                          block_layer=VSSBlock, mixer_layer=mixer, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -272,18 +275,19 @@ default_cfgs = generate_default_cfgs({
 })
 
 # VM-UNet's encoder (vanilla VMamba: patch-4 stem, patch merging, no MLP, d_state 16) with MHS mixers.
-_MHS_VM = dict(d_state=16, ssm_ratio=1.0, gated=True, conv_bias=True, mlp_ratio=0.0)
+_MHS_VM = dict(d_state=16, ssm_ratio=1.0, gated=True, conv_bias=True, mlp_ratio=0.0, stem_layer=PatchStem,
+               downsample_layer=PatchMerging)
 
 
 @register_model
-def mhs_vmamba_tiny(pretrained: bool = False, **kwargs) -> VMamba:
+def mhs_vmamba_tiny(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MHS-VM's encoder: depths 2-2-2-2, dims 96-768, 4 heads "CXSZ" (``routes="CXS"`` for the 3-head model)."""
     args = dict(_MHS_VM, depths=(2, 2, 2, 2), dims=96, drop_path_rate=0.2)
     return _create_mhs_vmamba("mhs_vmamba_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def test_mhs_vmamba(pretrained: bool = False, **kwargs) -> VMamba:
+def test_mhs_vmamba(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """Smallest MHS encoder for tests (dims 12: 4 heads of 3 channels at the first stage)."""
     args = dict(_MHS_VM, depths=(1, 1, 1, 1), dims=12, drop_path_rate=0.0)
     return _create_mhs_vmamba("test_mhs_vmamba", pretrained, **dict(args, **kwargs))

@@ -21,36 +21,22 @@ are swapped on conversion).
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
-import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
-from ._features import create_hierarchical, imagenet_cfg
+from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, rename_key, unwrap_state_dict
+from ._features import build_backbone, imagenet_cfg
+from .hierarchical import HierarchicalMamba
+from .layers import ChannelGate, ConvDownsample, OverlapStem, PatchMerging, PatchStem
 from .scan_patterns import CrossScan, RouteConcat, ScanPattern
 from .ss2d import RouteSSM, resolve_dt_rank
-from .vmamba import OFFICIAL_KEY_RULES as VMAMBA_KEY_RULES
-from .vmamba import ConvDownsample, OverlapStem, PatchEmbed, PatchMerging, VMamba, VSSStage
 
-__all__ = ["MSVMamba", "MultiScaleSS2D", "MSVSSBlock", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn",
+__all__ = ["ConvFFN", "MSVMambaBlock", "MultiScaleSS2D", "OFFICIAL_KEY_RULES", "checkpoint_filter_fn",
            "rename_official_key"]
-
-
-class SqueezeExcite(nn.Module):
-    """Channel gate on channels-last maps: spatial mean -> fc -> ReLU -> fc -> sigmoid (no biases)."""
-
-    def __init__(self, channels: int, reduction: int = 8) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(channels, channels // reduction, bias=False)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(channels // reduction, channels, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(1, 2), keepdim=True)))))
 
 
 class ConvFFN(nn.Module):
@@ -124,7 +110,7 @@ class MultiScaleSS2D(nn.Module):
         self.ssm = RouteSSM(d_inner, self.full_pattern.num_routes + self.low_pattern.num_routes, d_state,
                             resolve_dt_rank(dt_rank, d_model), scan_backend=scan_backend)
         self.out_norm = norm_layer(d_inner)
-        self.se = SqueezeExcite(d_inner, se_reduction)
+        self.se = ChannelGate(d_inner, se_reduction, bias=False)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -151,13 +137,13 @@ class MultiScaleSS2D(nn.Module):
         y = y.permute(0, 2, 3, 1)
         if not self.norm_each_scale:
             y = self.out_norm(y)
-        y = self.se(y)
+        y = y * self.se(y)
         if self.gated:
             y = y * F.silu(z)
         return self.dropout(self.out_proj(y))
 
 
-class MSVSSBlock(nn.Module):
+class MSVMambaBlock(nn.Module):
     """x + MS2D(norm1(x)), then the ConvFFN residual.
 
     v1 normalises before the FFN (x + FFN(norm2(x))); v3 normalises the FFN output inside the
@@ -191,63 +177,6 @@ class MSVSSBlock(nn.Module):
         if self.ffn_post_norm:
             return x + self.drop_path(self.norm2(self._ffn(x)))
         return x + self.drop_path(self._ffn(self.norm2(x)))
-
-
-class MSVMamba(VMamba):
-    """MSVMamba image classifier / backbone (timm model API).
-
-    Shares VMamba's model surface (stem, NCHW stages, final norm, head, features, weight-decay
-    names, grad checkpointing); only the blocks differ, so only construction is defined here.
-
-    Args:
-        in_chans: input image channels.
-        num_classes: classifier outputs; 0 gives pooled features.
-        depths: blocks per stage.
-        dims: channels per stage, or the first stage's (doubled per stage).
-        d_state: SSM state size.
-        ssm_ratio: MS2D inner width as a multiple of the stage width.
-        dt_rank: dt projection rank or "auto".
-        conv_bias: MS2D depthwise conv biases.
-        gated: MS2D z gate.
-        norm_each_scale: v1's per-scale out_norm (see ``MultiScaleSS2D``).
-        upsample_mode: upsampling of the half-resolution scan.
-        ffn_ratio: ConvFFN width ratio.
-        ffn_post_norm: v3's post-norm FFN residual.
-        stem_layer: ``(in_chans, dim) -> module`` for the stride-4 stem.
-        downsample_layer: ``(dim, out_dim) -> module`` between stages.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth, increasing linearly over all blocks.
-        global_pool: "avg" or "" (no pooling).
-        scan_backend: selective-scan backend for every mixer.
-    """
-
-    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (1, 2, 9, 2),
-                 dims: Union[int, Sequence[int]] = 96, d_state: int = 1, ssm_ratio: float = 2.0,
-                 dt_rank: Union[int, str] = "auto", conv_bias: bool = True, gated: bool = True,
-                 norm_each_scale: bool = True, upsample_mode: str = "bilinear", ffn_ratio: float = 2.0,
-                 ffn_post_norm: bool = False, stem_layer: Callable[[int, int], nn.Module] = PatchEmbed,
-                 downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, global_pool: str = "avg", scan_backend: str = "auto") -> None:
-        super(VMamba, self).__init__()  # VMamba's constructor builds VSS blocks; ours builds MS blocks.
-        if isinstance(dims, int):
-            dims = [dims * 2 ** i for i in range(len(depths))]
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.drop_rate = drop_rate
-        self.stem = stem_layer(in_chans, dims[0])
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear, meta-safe
-        block_kwargs = dict(ffn_ratio=ffn_ratio, ffn_post_norm=ffn_post_norm, d_state=d_state, ssm_ratio=ssm_ratio,
-                            dt_rank=dt_rank, conv_bias=conv_bias, gated=gated, norm_each_scale=norm_each_scale,
-                            upsample_mode=upsample_mode, scan_backend=scan_backend)
-        stages, self.feature_info = [], []
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
-            downsample = downsample_layer(dims[i - 1], dim) if i else nn.Identity()
-            blocks = [MSVSSBlock(dim, rates[sum(depths[:i]) + j], **block_kwargs) for j in range(depth)]
-            stages.append(VSSStage(downsample, blocks))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self._init_head(dims[-1], num_classes, drop_rate)
 
 
 # Official key -> ours: VMamba's layout rules, then MSVMamba's own modules (the half-resolution conv, SE, ConvFFN).
@@ -298,8 +227,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     return out
 
 
-def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs) -> MSVMamba:
-    return create_hierarchical(MSVMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs) -> HierarchicalMamba:
+    """The hierarchical skeleton with MSVMamba blocks; options other than the skeleton's go to
+    ``MSVMambaBlock`` and its ``MultiScaleSS2D`` (``ffn_ratio``, ``ffn_post_norm``, ``d_state``, ``ssm_ratio``,
+    ``gated``, ``norm_each_scale``, ``upsample_mode``, ``scan_backend``, ...)."""
+    return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                          block_layer=MSVMambaBlock, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
@@ -321,56 +254,56 @@ default_cfgs = generate_default_cfgs({
 
 # master branch, classification/configs/ms_vssm/vssm_{nano,micro,tiny}_224_ms.yaml.
 _V1 = dict(d_state=1, ssm_ratio=2.0, gated=True, norm_each_scale=True, upsample_mode="bilinear", ffn_ratio=2.0,
-           ffn_post_norm=False, stem_layer=PatchEmbed, downsample_layer=PatchMerging, drop_path_rate=0.2)
+           ffn_post_norm=False, stem_layer=PatchStem, downsample_layer=PatchMerging, drop_path_rate=0.2)
 # v2 branch, classification/configs/msv2/msvmambav3_{tiny,small,base}_224.yaml ("vms_noz"/"vms").
 _V3 = dict(d_state=1, ssm_ratio=1.0, gated=False, norm_each_scale=False, upsample_mode="nearest", ffn_ratio=4.0,
            ffn_post_norm=True, stem_layer=OverlapStem, downsample_layer=ConvDownsample)
 
 
 @register_model
-def msvmamba_nano(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_nano(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMamba-N: 6.86 M parameters (official yaml comment and measured build), 77.3 % top-1."""
     args = dict(_V1, depths=(1, 2, 5, 2), dims=48)
     return _create_msvmamba("msvmamba_nano", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def msvmamba_micro(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_micro(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMamba-M: 11.88 M parameters (official yaml comment and measured build), 79.8 % top-1."""
     args = dict(_V1, depths=(1, 2, 5, 2), dims=64)
     return _create_msvmamba("msvmamba_micro", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def msvmamba_tiny(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_tiny(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMamba-T: 33.05 M parameters (measured official build; yaml comment 33.08 M), 82.8 % top-1."""
     args = dict(_V1, depths=(1, 2, 9, 2), dims=96)
     return _create_msvmamba("msvmamba_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def msvmamba_v3_tiny(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_v3_tiny(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMambav3-T: 32.26 M parameters (measured official build; README 32 M), 83.0 % top-1."""
     args = dict(_V3, depths=(2, 2, 9, 2), dims=96, drop_path_rate=0.2)
     return _create_msvmamba("msvmamba_v3_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def msvmamba_v3_small(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_v3_small(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMambav3-S: 50.22 M parameters (measured official build; README 50 M), 84.1 % top-1."""
     args = dict(_V3, depths=(2, 3, 20, 2), dims=96, drop_path_rate=0.4)
     return _create_msvmamba("msvmamba_v3_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def msvmamba_v3_base(pretrained: bool = False, **kwargs) -> MSVMamba:
+def msvmamba_v3_base(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """MSVMambav3-B: 90.59 M parameters (measured official build; README 91 M), 84.4 % top-1. Keeps the z gate."""
     args = dict(_V3, depths=(2, 4, 18, 2), dims=128, gated=True, drop_path_rate=0.5)
     return _create_msvmamba("msvmamba_v3_base", pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def test_msvmamba(pretrained: bool = False, **kwargs) -> MSVMamba:
+def test_msvmamba(pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """Smallest (v3-style) MSVMamba for tests (timm's ``test_*`` convention)."""
     args = dict(_V3, depths=(1, 1, 1, 1), dims=8, drop_path_rate=0.0)
     return _create_msvmamba("test_msvmamba", pretrained, **dict(args, **kwargs))

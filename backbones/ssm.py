@@ -27,6 +27,15 @@ Backends:
   only for CUDA tensors and only when the package imports.
 - ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable, else ``torch``.
 
+Choosing and observing the scan for a region of code (both thread-local, like ``torch.no_grad``):
+
+- ``with use_backend("reference"): ...`` runs every scan requested as ``auto`` with that backend (or
+  with a given function of the scan's signature). A backend configured explicitly -- a module's
+  ``scan_backend="torch"``, a direct ``selective_scan(..., backend="torch")`` -- always wins: the region
+  only decides what ``auto`` means, so a deliberate choice is never overridden silently.
+- ``with observe(callback): ...`` calls ``callback(ScanCall)`` after every eager scan call with the
+  backend that ran, the shapes, dtype, device and the call's wall-clock time.
+
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
 at least float32 (float64 inputs stay float64, so gradcheck is exact); the output is returned in the
 dtype of ``u``.
@@ -34,9 +43,12 @@ dtype of ``u``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import NamedTuple, Optional
+import time
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,31 +68,93 @@ LOG_DECAY_LIMIT = 120.0
 beyond it (e^60 away from fp32 overflow with the midpoint offset) take the exact odd/even scan."""
 
 
+MAMBA_SSM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Input dtypes mamba-ssm's kernel runs (it has no float64 path)."""
+
+_mamba_ssm_on_cpu = False
+"""Set only inside ``mamba_ssm_on_cpu_for_tests``."""
+
+
 @functools.lru_cache(maxsize=1)
 def mamba_ssm_status() -> tuple[Optional[type], str]:
     """Import mamba-ssm's CUDA selective scan once; return (its autograd.Function or None, reason)."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not _mamba_ssm_on_cpu:
         return None, "no CUDA device is visible to torch"
     try:
         from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
     except ImportError as err:
+        if err.name == "selective_scan_cuda":
+            return None, ("mamba-ssm is installed without its compiled CUDA extension (as `make` installs it for the "
+                          "CPU tests); build it on a CUDA machine with `pip install --force-reinstall --no-deps "
+                          "--no-build-isolation mamba-ssm==2.3.1`")
         return None, f"mamba-ssm is not importable ({err}); install the 'cuda' extra on a CUDA machine"
     return SelectiveScanFn, "available"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``auto`` into a concrete backend and check that a forced one can run here."""
+@contextlib.contextmanager
+def mamba_ssm_on_cpu_for_tests() -> Iterator[None]:
+    """Test hook: let a forced ``mamba_ssm`` backend run on CPU tensors, to test its plumbing without a GPU.
+
+    mamba-ssm's Python code (``SelectiveScanFn``) then runs as it would on a GPU and calls whatever
+    module is imported as its compiled ``selective_scan_cuda`` extension -- in the tests, a CPU
+    stand-in placed in ``sys.modules``. Normal use never needs this; ``auto`` still picks ``torch``
+    for CPU tensors inside it.
+    """
+    global _mamba_ssm_on_cpu
+    previous, _mamba_ssm_on_cpu = _mamba_ssm_on_cpu, True
+    reset_backend_cache()
+    try:
+        yield
+    finally:
+        _mamba_ssm_on_cpu = previous
+        reset_backend_cache()
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Turn ``auto`` into a concrete backend and check that a forced one can run here.
+
+    ``dtype``: the inputs' dtype where known (mamba-ssm's kernel has no float64 path, so ``auto``
+    does not pick it for float64 inputs and forcing it raises).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "mamba_ssm" if device.type == "cuda" and mamba_ssm_status()[0] is not None else "torch"
+        kernel_runs = device.type == "cuda" and dtype in (None, *MAMBA_SSM_DTYPES)
+        return "mamba_ssm" if kernel_runs and mamba_ssm_status()[0] is not None else "torch"
     if backend == "mamba_ssm":
         kernel, reason = mamba_ssm_status()
         if kernel is None:
             raise RuntimeError(f"scan backend 'mamba_ssm' was requested but cannot run: {reason}")
-        if device.type != "cuda":
+        if device.type != "cuda" and not _mamba_ssm_on_cpu:
             raise RuntimeError(f"scan backend 'mamba_ssm' needs CUDA tensors, got tensors on {device}")
+        if dtype is not None:
+            _require_mamba_ssm_dtype(dtype)
     return backend
+
+
+def _require_mamba_ssm_dtype(dtype: torch.dtype) -> None:
+    if dtype not in MAMBA_SSM_DTYPES:
+        raise RuntimeError(f"scan backend 'mamba_ssm' runs float32, float16 and bfloat16 inputs, got {dtype}; "
+                           "use 'torch' or 'reference'")
+
+
+_resolutions: dict[tuple[str, torch.device, Optional[torch.dtype]], str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_cached(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    """``resolve_backend`` memoised: what can run does not change during a run (tracers take the
+    answer as a constant instead of tracing the import checks)."""
+    key = (backend, device, dtype)
+    if key not in _resolutions:
+        _resolutions[key] = resolve_backend(backend, device, dtype)
+    return _resolutions[key]
+
+
+def reset_backend_cache() -> None:
+    """Forget cached backend resolutions and mamba-ssm's import status (after installing or hiding a backend)."""
+    mamba_ssm_status.cache_clear()
+    _resolutions.clear()
 
 
 def compute_dtype(u: Tensor) -> torch.dtype:
@@ -145,7 +219,8 @@ def linear_recurrence(decay: Tensor, drive: Tensor) -> Tensor:
     since it only multiplies decays in (0, 1] it cannot overflow, whatever |A * delta| is.
     """
     length = decay.shape[-1]
-    if length == 1:  # h_0 = drive_0; `+ 0 * decay` keeps decay (hence A) in the autograd graph, as DDP needs
+    # h_0 = drive_0 (meta tensors carry only shapes); `+ 0 * decay` keeps decay (hence A) in the autograd graph
+    if length == 1 or drive.device.type == "meta":
         return drive + 0.0 * decay
     pairs = length // 2
     a_even, a_odd = decay[..., 0::2], decay[..., 1::2]
@@ -529,7 +604,8 @@ def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 # torch.compile / torch.export trace them as single opaque nodes. The backward op reruns the forward
 # kernel to rebuild the kernel's saved chunk states (one extra forward per backward); this uses only
 # the Function's forward/backward contract, which has been stable across mamba-ssm releases, not the
-# extension's raw signatures, which have not.
+# extension's raw signatures, which have not. Without a GPU the tests run this whole path with
+# mamba-ssm's real Python code and a CPU stand-in for its extension (``mamba_ssm_on_cpu_for_tests``).
 
 
 class _KernelContext:
@@ -590,14 +666,110 @@ selective_scan_cuda_op.register_autograd(_cuda_backward, setup_context=_cuda_set
 
 
 def _scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Bring the inputs to the kernel's contract: u, delta, B, C and z in one dtype (float32, float16 or
+    bfloat16: the promoted one, so nothing is rounded down), A, D and delta_bias in float32, and
+    delta_bias contiguous (``SelectiveScanFn`` makes the others contiguous, but not that one)."""
+    io_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (u, delta, B, C, z) if t is not None])
+    _require_mamba_ssm_dtype(io_dtype)
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    if u.shape[1] % groups:  # the kernel would read the wrong B/C rows rather than fail
+        raise ValueError(f"{u.shape[1]} channels cannot be split into {groups} groups of B/C")
+    out_dtype = u.dtype
+    u, delta, B, C, z = (None if t is None else t.to(io_dtype) for t in (u, delta, B, C, z))
     out = selective_scan_cuda_op(u, delta, A.float(), B, C, None if D is None else D.float(), z,
-                                 None if delta_bias is None else delta_bias.float(), delta_softplus)
-    return out.to(u.dtype)
+                                 None if delta_bias is None else delta_bias.float().contiguous(), delta_softplus)
+    return out.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- public entry points
 
 _IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm}
+
+ScanFunction = Callable[..., Tensor]
+"""A scan with ``selective_scan``'s positional arguments (u, delta, A, B, C, D, z, delta_bias, delta_softplus)."""
+
+
+class ScanCall(NamedTuple):
+    """What an ``observe`` callback learns about one scan call."""
+
+    backend: str  # the backend that ran, or the __name__ of a function given to use_backend
+    batch: int
+    channels: int
+    length: int
+    d_state: int
+    groups: int  # B/C groups (1 for ungrouped B/C)
+    with_D: bool
+    with_z: bool
+    dtype: torch.dtype  # of u
+    device: torch.device
+    seconds: float  # wall-clock time of the forward call (backward runs later, inside autograd)
+
+
+_region_backend: contextvars.ContextVar[Union[str, ScanFunction, None]] = contextvars.ContextVar(
+    "mambalab_scan_backend", default=None)
+_observers: contextvars.ContextVar[tuple[tuple[Callable[[ScanCall], None], bool], ...]] = contextvars.ContextVar(
+    "mambalab_scan_observers", default=())
+
+
+@contextlib.contextmanager
+def use_backend(backend: Union[str, ScanFunction]) -> Iterator[None]:
+    """Run the scans requested as ``auto`` inside the block with ``backend``.
+
+    ``backend`` is one of ``BACKENDS`` or a function with the scan's positional arguments (for
+    measurements, e.g. a scan-free stub). Explicitly configured backends are left alone (see the
+    module docstring); the innermost block wins; the setting is local to the current thread and
+    context, like ``torch.no_grad``, and is restored however the block exits.
+    """
+    if not callable(backend) and backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    token = _region_backend.set(backend)
+    try:
+        yield
+    finally:
+        _region_backend.reset(token)
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[ScanCall], None], synchronize: bool = False) -> Iterator[None]:
+    """Call ``callback(ScanCall)`` after every scan call made inside the block (in this thread).
+
+    ``synchronize``: wait for the device before and after each call, so that ``seconds`` is the
+    scan's run time on CUDA rather than its launch time. Calls traced by torch.compile/export run
+    inside the compiled graph and are not reported. Nested blocks all see each call.
+    """
+    token = _observers.set((*_observers.get(), (callback, synchronize)))
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
+
+def _chosen(backend: str, u: Tensor) -> tuple[str, ScanFunction]:
+    """(name, implementation) of the backend that runs a call requested as ``backend``."""
+    if backend == "auto":
+        region = _region_backend.get()
+        if callable(region):
+            return getattr(region, "__name__", "custom"), region
+        backend = region or backend
+    name = _resolve_cached(backend, u.device, u.dtype)
+    return name, _IMPLEMENTATIONS[name]
+
+
+def _observed(observers: tuple, name: str, impl: ScanFunction, args: tuple) -> Tensor:
+    """Run ``impl(*args)`` timed, then report the call to every observer."""
+    u, B = args[0], args[3]
+    sync = any(wait for _, wait in observers) and u.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(u.device)
+    start = time.perf_counter()
+    out = impl(*args)
+    if sync:
+        torch.cuda.synchronize(u.device)
+    call = ScanCall(name, u.shape[0], u.shape[1], u.shape[2], args[2].shape[1], 1 if B.dim() == 3 else B.shape[1],
+                    args[5] is not None, args[6] is not None, u.dtype, u.device, time.perf_counter() - start)
+    for callback, _ in observers:
+        callback(call)
+    return out
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -609,8 +781,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                          f"and {tuple(delta.shape)}")
     if A.shape[0] != u.shape[1]:
         raise ValueError(f"A has {A.shape[0]} channels but u has {u.shape[1]}")
-    impl = _IMPLEMENTATIONS[resolve_backend(backend, u.device)]
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    name, impl = _chosen(backend, u)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    observers = _observers.get()
+    if observers and not is_tracing(u):
+        return _observed(observers, name, impl, args)
+    return impl(*args)
 
 
 def selective_scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: bool = True,

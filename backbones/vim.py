@@ -38,13 +38,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ._checkpoint import unwrap_state_dict
-from ._features import imagenet_cfg
-from .layers import flagged_no_weight_decay
+from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .scan_patterns import BidirectionalScan
 from .ss2d import RouteSSM, resolve_dt_rank
 
@@ -156,10 +154,11 @@ class PatchEmbed(nn.Module):
         return (height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1
 
     def forward(self, x: Tensor) -> Tensor:
+        self.grid(*x.shape[-2:])  # refuses inputs smaller than one patch
         return self.proj(x)
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(MambaBackbone):
     """Vim image classifier / plain backbone (timm model API).
 
     Args:
@@ -184,6 +183,10 @@ class VisionMamba(nn.Module):
         scan_backend: selective-scan backend.
     """
 
+    global_pools = ("token", "avg", "")
+    final_norm = "norm_f"
+    level_modules = False  # the levels are sums of the residual stream between blocks
+
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, stride: int = 16,
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  d_state: int = 16, expand: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
@@ -191,10 +194,8 @@ class VisionMamba(nn.Module):
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
                  scan_backend: str = "auto") -> None:
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
         self.grid = self.patch_embed.grid(*to_2tuple(img_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -205,12 +206,13 @@ class VisionMamba(nn.Module):
                                              scan_backend=scan_backend) for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_classifier(embed_dim, num_classes, drop_rate, global_pool)
         self.feature_taps = list(feature_taps or [depth * (q + 1) // 4 - 1 for q in range(4)])
         self.grad_checkpointing = False
         if feature_pyramid:
-            self.feature_pyramid = nn.ModuleList(_pyramid_level(embed_dim, stride / r) for r in (4, 8, 16, 32))
+            # Keyed by level (a ModuleList's state-dict names), so that pruning can drop levels.
+            self.feature_pyramid = nn.ModuleDict({str(level): _pyramid_level(embed_dim, stride / r)
+                                                  for level, r in enumerate((4, 8, 16, 32))})
             reductions = [4, 8, 16, 32]
         else:
             self.feature_pyramid, reductions = None, [stride] * len(self.feature_taps)
@@ -235,33 +237,18 @@ class VisionMamba(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {"pos_embed", "cls_token"} | flagged_no_weight_decay(self)
+        return {"pos_embed", "cls_token"} | super().no_weight_decay()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
                                                                          (r"^norm_f", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def _tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Patch tokens with the class token at the middle index and the position embedding added."""
-        grid = self.patch_embed.grid(*x.shape[-2:])
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed(x)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
         middle = x.shape[1] // 2
         x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid)), grid
@@ -271,21 +258,17 @@ class VisionMamba(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, hidden, residual, use_reentrant=False)
         return block(hidden, residual)
 
-    def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.norm_f((residual + self.drop_path(hidden)).to(self.norm_f.weight.dtype))
-
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """The residual stream after the tap blocks in ``indices`` (of ``feature_taps``; all by default) as
-        NCHW maps without the class token; through the feature pyramid when the model has one."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_taps), indices)
-        taps = {self.feature_taps[i]: i for i in take_indices}
-        last_block = self.feature_taps[max_index] if stop_early else len(self.layers) - 1
+    def _forward_levels(self, x: Tensor, indices: List[int],
+                        stop_early: bool) -> Tuple[Tuple[Tensor, Tensor], List[Tensor]]:
+        """The residual stream after the tap blocks of ``indices`` as NCHW maps without the class token,
+        through the feature pyramid when the model has one."""
+        if self.feature_pyramid is not None and any(str(i) not in self.feature_pyramid for i in indices):
+            raise ValueError(f"Vim: levels {indices} asked for, but only {list(self.feature_pyramid)} are left "
+                             "after prune_intermediate_layers")
+        taps = {self.feature_taps[i]: i for i in indices}
+        last_block = self.feature_taps[indices[-1]] if stop_early else len(self.layers) - 1
         hidden, grid = self._tokens(x)
-        residual, intermediates = None, []
+        residual, maps = None, []
         for index, block in enumerate(self.layers[: last_block + 1]):
             hidden, residual = self._run_block(block, hidden, residual)
             if index in taps:
@@ -293,43 +276,34 @@ class VisionMamba(nn.Module):
                 middle = stream.shape[1] // 2
                 tokens = torch.cat((stream[:, :middle], stream[:, middle + 1:]), dim=1)
                 feature = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-                if self.feature_pyramid is not None:
-                    feature = self.feature_pyramid[taps[index]](feature)
-                intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
-        if intermediates_only:
-            return intermediates
-        return self._final_norm(hidden, residual), intermediates
+                maps.append(self.feature_pyramid[str(taps[index])](feature) if self.feature_pyramid is not None
+                            else feature)
+        return (hidden, residual), maps
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Drop the blocks after the last requested tap (and the final norm / head when asked)."""
-        take_indices, max_index = feature_take_indices(len(self.feature_taps), indices)
-        self.layers = self.layers[: self.feature_taps[max_index] + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _finish_features(self, state: Tuple[Tensor, Tensor]) -> Tensor:
+        """All tokens after the final add and norm, (B, M + 1, D), the class token at index M // 2."""
+        hidden, residual = state
+        return self.norm_f((residual + self.drop_path(hidden)).to(hidden.dtype))
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """All tokens after the final norm, (B, M + 1, D), the class token at index M // 2."""
-        hidden, _ = self._tokens(x)
-        residual = None
-        for block in self.layers:
-            hidden, residual = self._run_block(block, hidden, residual)
-        return self._final_norm(hidden, residual)
+    def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
+        """The blocks after the last kept tap and the other levels' pyramid go; the final norm and head
+        still fit (same width)."""
+        index = indices[-1]
+        self.layers = self.layers[: self.feature_taps[index] + 1]
+        if self.feature_pyramid is not None:
+            for level in [level for level in self.feature_pyramid if int(level) not in indices]:
+                del self.feature_pyramid[level]
+        self.feature_info = self.feature_info[: index + 1]
+        return False
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+    def _pool(self, x: Tensor) -> Tensor:
+        """(B, M + 1, D) tokens -> the middle class token ("token"), the mean of the others ("avg"), or all."""
         middle = (x.shape[1] - 1) // 2
         if self.global_pool == "token":
-            x = x[:, middle]
-        elif self.global_pool == "avg":
-            x = torch.cat((x[:, :middle], x[:, middle + 1:]), dim=1).mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+            return x[:, middle]
+        if self.global_pool == "avg":
+            return torch.cat((x[:, :middle], x[:, middle + 1:]), dim=1).mean(dim=1)
+        return x
 
 
 # Official per-direction mixer tensors -> our stacked RouteSSM / grouped conv (forward route first).
@@ -392,9 +366,7 @@ def _with_own_pyramid(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[s
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     kwargs.setdefault("feature_pyramid", bool(kwargs.get("features_only")))
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_backbone(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .synapse import MedicalSliceDataModule, as_labels, list_files, read_npz
+from .readers import read_npz
+from .synapse import MedicalSliceDataModule, as_labels, list_files
 
 ACDC_CLASSES = ("RV", "Myo", "LV")
 
@@ -64,11 +65,11 @@ class ACDCDataModule(MedicalSliceDataModule):
 
     def load_slice(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         arrays = read_npz(path, ("img", "label"))
-        return arrays["img"], as_labels(arrays["label"], path)
+        return arrays["img"], as_labels(arrays["label"], path, self.num_classes)
 
     def load_case(self, path: Path) -> dict:
         arrays = read_npz(path, ("img", "label"), optional=("spacing",))
-        image, label = arrays["img"], as_labels(arrays["label"], path)
+        image, label = arrays["img"], as_labels(arrays["label"], path, self.num_classes)
         if image.shape != label.shape or image.ndim not in (2, 3):
             raise ValueError(f"{path}: expected img and label of one shape, (H, W) or (D, H, W), got "
                              f"{image.shape} and {label.shape}")

@@ -29,6 +29,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_labels
+from .evaluation import evaluation_loader
+from .readers import open_image, read_image
 from .resumable import ResumableTrainData, seed_for
 
 ADE20K_CLASSES = (
@@ -55,24 +58,12 @@ IGNORE_INDEX = 255
 SPLITS = {"train": "training", "val": "validation"}
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB, naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 def read_label_map(path: Path) -> np.ndarray:
     """A label PNG as ``(H, W)`` uint8, naming the file when it is unreadable or not single-channel."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise ValueError(f"expected a single-channel (L or P) PNG, got mode {image.mode}")
-            return np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise OSError(f"cannot read annotation {path}: {err}") from err
+    image = open_image(path)
+    if image.mode not in ("L", "P"):
+        raise OSError(f"cannot read annotation {path}: expected a single-channel (L or P) PNG, got mode {image.mode}")
+    return np.asarray(image)
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -203,13 +194,14 @@ class SegmentationPairs(Dataset):
         mean: normalisation mean (0-255 scale).
         std: normalisation std (0-255 scale).
         seed: augmentation seed.
+        num_classes: classes of the (reduced) labels; a label file holding another value is refused by name.
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], train: bool, scale: Sequence[int] = (2048, 512),
                  ratio_range: Sequence[float] = (0.5, 2.0), crop_size: Sequence[int] = (512, 512),
                  cat_max_ratio: float = 0.75, reduce_zero: bool = True, mean: Sequence[float] = MEAN_255,
-                 std: Sequence[float] = STD_255, seed: int = 0) -> None:
-        self.pairs, self.train = list(pairs), train
+                 std: Sequence[float] = STD_255, seed: int = 0, num_classes: int = len(ADE20K_CLASSES)) -> None:
+        self.pairs, self.train, self.num_classes = list(pairs), train, num_classes
         self.scale, self.ratio_range, self.crop_size = tuple(scale), tuple(ratio_range), tuple(crop_size)
         self.cat_max_ratio, self.reduce_zero = cat_max_ratio, reduce_zero
         self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
@@ -218,13 +210,18 @@ class SegmentationPairs(Dataset):
         return len(self.pairs)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw image and its (reduced) label map, checked to have the same size."""
+        """The raw image and its (reduced) label map, checked to have the same size and known labels."""
         image_path, label_path = self.pairs[index]
-        image, label = read_rgb(image_path), read_label_map(label_path)
+        image, label = read_image(image_path, "RGB"), read_label_map(label_path)
         if image.shape[:2] != label.shape:
             raise ValueError(f"annotation {label_path} is {label.shape[1]}x{label.shape[0]} but image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}")
-        return image, reduce_zero_label(label) if self.reduce_zero else label
+        if self.reduce_zero:  # the file's own values are named: 0 unlabelled, 1..K the classes
+            check_labels(label, self.num_classes + 1, f"annotation {label_path}", IGNORE_INDEX,
+                         f" (0 unlabelled, 1..{self.num_classes} the classes)")
+            return image, reduce_zero_label(label)
+        check_labels(label, self.num_classes, f"annotation {label_path}", IGNORE_INDEX)
+        return image, label
 
     def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -325,7 +322,7 @@ class ADE20KDataModule(ResumableTrainData, pl.LightningDataModule):
         return self.resumable_loader(self.datasets["train"], drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, **self._loader_kwargs())
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

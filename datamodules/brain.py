@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .readers import naming_the_file
 from .synapse import MedicalSliceDataModule
 
 BRAIN_CLASSES = ("grey_matter", "white_matter")
@@ -49,11 +50,9 @@ def load_mni152(data_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
         path = data_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"MNI152 template file missing: {path} (shipped in nilearn's datasets/data)")
-        try:
+        with naming_the_file(path, "NIfTI file"):
             image = nibabel.load(path)
             volumes[key] = np.asarray(image.dataobj, dtype=np.float32)
-        except Exception as err:
-            raise OSError(f"cannot read {path}: {err}") from err
         zooms = image.header.get_zooms()[:3]
         if volumes[key].shape != volumes["t1"].shape:
             raise ValueError(f"{path} is {volumes[key].shape}, the T1 template {volumes['t1'].shape}")

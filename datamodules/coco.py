@@ -8,9 +8,12 @@ Layout::
     <root>/val2017/*.jpg
 
 Categories (80 for COCO, with sparse ids) become labels 1..K in id order; 0 is torchvision's background.
-Training follows mmdet's ``CocoDataset``: crowd annotations and boxes under 1 pixel wide or high are
-dropped, and images without any remaining object or smaller than 32 pixels are skipped; evaluation keeps
-every annotation with its ``iscrowd`` flag and ``area`` so COCO's rules apply. Samples are
+An annotation with a category id the file does not list is refused when the file is read, naming the
+annotation and the id. Training follows mmdet's ``CocoDataset``: crowd annotations and boxes under 1 pixel
+wide or high are dropped, and images without any remaining object or smaller than 32 pixels are skipped;
+evaluation keeps every other annotation with its ``iscrowd`` flag and ``area`` so COCO's rules apply. In both,
+boxes with no pixel inside their image are dropped too; what was dropped, and boxes reaching beyond their
+image, are logged once per split (``datamodules.checks.BoxReport``). Samples are
 ``(image, target)``: a float ``(3, H, W)`` image in [0, 1] (the model normalises and resizes it) and a
 torchvision target dict (``boxes`` xyxy, ``labels``, ``masks`` (N, H, W) uint8, ``image_id``, ``area``,
 ``iscrowd``).
@@ -35,7 +38,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .ade20k import read_rgb
+from .checks import BoxReport
+from .evaluation import evaluation_loader
+from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 
 Target = dict[str, Tensor]
@@ -151,23 +156,36 @@ class CocoInstances(Dataset):
         self.augmentation = dict(flip_prob=flip_prob, crop_prob=crop_prob, crop_scales=tuple(crop_scales),
                                  crop_size_range=tuple(crop_size_range), max_size=max_size)
         self.seed = seed
+        self.boxes = BoxReport(f"COCO annotations {json_path}")
+        self.annotations = {image_id: self._usable(image_id) for image_id in sorted(coco.imgs)}
+        self.boxes.report()
         ids = sorted(coco.imgs)
         if train:
             ids = [i for i in ids if min(coco.imgs[i]["width"], coco.imgs[i]["height"]) >= min_size
-                   and self._annotations(i)]
+                   and self.annotations[i]]
         self.ids = ids
 
-    def _annotations(self, image_id: int) -> list[dict]:
-        kept = []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            x, y, w, h = ann["bbox"]
-            if ann["category_id"] not in self.cat_to_label:
-                raise ValueError(f"{self.json_path}: annotation {ann.get('id')} has unknown category_id "
-                                 f"{ann['category_id']}")
-            if w < 1 or h < 1 or (self.train and (ann.get("iscrowd", 0) or ann.get("area", 1) <= 0)):
-                continue
-            kept.append(ann)
-        return kept
+    def _usable(self, image_id: int) -> list[dict]:
+        """The image's annotations this split uses; unknown categories and malformed boxes are named."""
+        anns = self.coco.imgToAnns.get(image_id, [])
+        for ann in anns:
+            if ann.get("category_id") not in self.cat_to_label:
+                raise ValueError(f"{self.json_path}: annotation {ann.get('id')} has category_id "
+                                 f"{ann.get('category_id')!r}, not one of the listed ids {sorted(self.cat_to_label)}")
+        if self.train:
+            anns = [a for a in anns if not a.get("iscrowd", 0) and a.get("area", 1) > 0]
+        if not anns:
+            return []
+        malformed = [a.get("id") for a in anns if not isinstance(a.get("bbox"), (list, tuple)) or len(a["bbox"]) != 4
+                     or not all(isinstance(v, (int, float)) for v in a["bbox"])]
+        if malformed:
+            raise ValueError(f"{self.json_path}: annotation {malformed[0]} has no [x, y, width, height] bbox of "
+                             f"numbers")
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float64)
+        info = self.coco.imgs[image_id]
+        scored = np.array([not a.get("iscrowd", 0) for a in anns])
+        keep = self.boxes.keep(boxes, info["height"], info["width"], scored)
+        return [a for a, k in zip(anns, keep.tolist()) if k]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,7 +193,7 @@ class CocoInstances(Dataset):
     def target(self, image_id: int) -> Target:
         """The target dict of one image at its original size."""
         info = self.coco.imgs[image_id]
-        anns = self._annotations(image_id)
+        anns = self.annotations[image_id]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
                              dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes,
@@ -193,7 +211,8 @@ class CocoInstances(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        image = torch.from_numpy(np.array(read_rgb(self.image_dir / info["file_name"]))).permute(2, 0, 1).float() / 255
+        image = torch.from_numpy(np.array(read_image(self.image_dir / info["file_name"], "RGB")))
+        image = image.permute(2, 0, 1).float() / 255
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise ValueError(f"{self.json_path}: image {info['file_name']} is {image.shape[-1]}x{image.shape[-2]} "
                              f"on disk but {info['width']}x{info['height']} in the annotations")
@@ -286,7 +305,7 @@ class COCODataModule(ResumableTrainData, pl.LightningDataModule):
         return self.resumable_loader(self.datasets["train"], **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, **self._loader_kwargs())
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -8,6 +8,7 @@ decoded once into memory (47 MB) and batches are built from tensors, not PIL ima
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,7 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_labels
+from .evaluation import evaluation_loader
 from .resumable import ResumableTrainData, seed_for
+
+log = logging.getLogger("mambalab")
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
@@ -121,6 +126,7 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
 
     num_classes = 10
     in_chans = 1
+    batch_transform = None
     class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
     mean, std = 0.2860, 0.3530
@@ -134,9 +140,20 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
         self.val_size, self.augment, self.seed = val_size, augment, seed
         self.search_system, self.download = search_system, download
         self.splits: dict[str, Dataset] = {}
+        self.files: Optional[dict[str, tuple[Path, Path]]] = None
+
+    @property
+    def data_source(self) -> str:
+        """The four IDX files this module reads (located now if not yet), for the run log."""
+        return ", ".join(str(path) for pair in self._files().values() for path in pair)
 
     def _files(self) -> dict[str, tuple[Path, Path]]:
+        if self.files is not None:
+            return self.files
         files = locate_files(self.data_dir, self.search_system)
+        if files is not None and files["train"][0].parent == DEBIAN_DIR != self.data_dir.resolve():
+            log.warning("Fashion-MNIST: data_dir=%s has no IDX files; using the system copy in %s instead",
+                        self.data_dir, DEBIAN_DIR)
         if files is None and self.download:
             files = download_with_torchvision(self.data_dir)
         if files is None:
@@ -147,15 +164,18 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
                 + ". Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put "
                 + ", ".join(f"{stem}.gz" for stems in SPLIT_FILES.values() for stem in stems)
                 + f" in {self.data_dir}.")
+        self.files = files
         return files
 
-    @staticmethod
-    def _read(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+    @classmethod
+    def _read(cls, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+        """One split's images and labels; a label outside the 10 classes is refused here, before training."""
         images = torch.from_numpy(read_idx(images_path, IMAGES_MAGIC).copy())
-        labels = torch.from_numpy(read_idx(labels_path, LABELS_MAGIC).astype(np.int64))
+        labels = read_idx(labels_path, LABELS_MAGIC).astype(np.int64)
+        check_labels(labels, cls.num_classes, labels_path)
         if len(images) != len(labels):
             raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-        return images, labels
+        return images, torch.from_numpy(labels)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
@@ -173,8 +193,8 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
         }
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return evaluation_loader(self.splits[split], self.batch_size, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable_loader(self.splits["train"], num_workers=self.num_workers,

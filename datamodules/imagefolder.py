@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning.pytorch as pl
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from .evaluation import evaluation_loader
+from .readers import open_image
 from .resumable import ResumableTrainData
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
 
 
 class ImageFolderDataModule(ResumableTrainData, pl.LightningDataModule):
@@ -100,11 +93,12 @@ class ImageFolderDataModule(ResumableTrainData, pl.LightningDataModule):
             if classes != self.class_names:
                 differing = sorted(set(classes) ^ set(self.class_names))
                 raise ValueError(f"{directory} classes differ from {self.root / 'train'}: {', '.join(differing)}")
-            self.datasets[split] = ImageFolder(str(directory), transform=transform, loader=load_rgb)
+            self.datasets[split] = ImageFolder(str(directory), transform=transform,
+                                               loader=partial(open_image, mode="RGB"))
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return evaluation_loader(self.datasets[split], self.batch_size, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable_loader(self.datasets["train"], keys_with_epoch=False, num_workers=self.num_workers,

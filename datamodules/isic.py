@@ -27,23 +27,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
+from .evaluation import evaluation_loader
+from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 from .synapse import collate_cases
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """An image file converted to ``mode`` (``RGB`` or ``L``), naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
 
 
 def list_isic_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
@@ -152,7 +144,7 @@ class IsicDataModule(ResumableTrainData, pl.LightningDataModule):
                                      persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=8, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets["val"], 8, num_workers=self.num_workers, collate_fn=collate_cases)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=8, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets["test"], 8, num_workers=self.num_workers, collate_fn=collate_cases)

@@ -19,11 +19,12 @@ from typing import Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .ade20k import collate_dense
+from .evaluation import evaluation_loader
+from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 
 FILES = ("img2d.tif", "mask2d.tif")
@@ -46,14 +47,6 @@ def locate_nuclei(data_dir: Optional[str]) -> Path:
         raise FileNotFoundError(f"nuclei demo data not found ({where}): install the data with "
                                 f"`pip install --no-deps stardist`, or set data.data_dir to a folder with {FILES}")
     return folder
-
-
-def read_tiff(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.array(image)
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read {path}: {err}") from err
 
 
 class NucleiCrops(Dataset):
@@ -116,8 +109,8 @@ class NucleiDataModule(ResumableTrainData, pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
-        image = read_tiff(self.folder / FILES[0]).astype(np.float32)
-        labels = read_tiff(self.folder / FILES[1])
+        image = read_image(self.folder / FILES[0]).astype(np.float32)
+        labels = read_image(self.folder / FILES[1])
         if image.shape != labels.shape:
             raise ValueError(f"{self.folder / FILES[1]} is {labels.shape} but {self.folder / FILES[0]} "
                              f"is {image.shape}")
@@ -138,8 +131,8 @@ class NucleiDataModule(ResumableTrainData, pl.LightningDataModule):
                                      collate_fn=collate_dense)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_dense)
+        return evaluation_loader(self.datasets["val"], self.batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_dense)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_labels
+from .evaluation import evaluation_loader
+from .readers import read_h5, read_npz
 from .resumable import ResumableTrainData, seed_for
 
 SYNAPSE_CLASSES = ("aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach")
@@ -42,45 +45,6 @@ def ndimage_module() -> Any:
     except ImportError as err:
         raise ImportError("the medical data pipeline needs scipy: pip install 'mambalab[medical]'") from err
     return ndimage
-
-
-def read_npz(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` (and ``optional`` ones, when present) of an ``.npz`` file; unreadable files and
-    missing keys are named."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in keys if key not in data.files]
-            if missing:
-                raise KeyError(f"{path} has arrays {sorted(data.files)}, expected {list(keys)}")
-            return {key: np.asarray(data[key]) for key in (*keys, *optional) if key in data.files}
-    except KeyError:
-        raise
-    except Exception as err:
-        raise OSError(f"cannot read {path}: {err}") from err
-
-
-def read_h5(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Any]:
-    """Datasets ``keys`` (and ``optional`` datasets or attributes, when present) of an HDF5 file."""
-    try:
-        import h5py
-    except ImportError as err:
-        raise ImportError("reading .h5 volumes needs h5py: pip install 'mambalab[medical]'") from err
-    try:
-        with h5py.File(path, "r") as data:
-            missing = [key for key in keys if key not in data]
-            if missing:
-                raise KeyError(f"{path} has datasets {sorted(data.keys())}, expected {list(keys)}")
-            out: dict[str, Any] = {key: np.asarray(data[key][()]) for key in keys}
-            for key in optional:
-                if key in data:
-                    out[key] = np.asarray(data[key][()])
-                elif key in data.attrs:
-                    out[key] = np.asarray(data.attrs[key])
-            return out
-    except KeyError:
-        raise
-    except Exception as err:
-        raise OSError(f"cannot read {path}: {err}") from err
 
 
 def list_files(folder: Path, list_file: Path, suffix: str) -> list[Path]:
@@ -136,14 +100,16 @@ def zoom_pair(image: np.ndarray, label: np.ndarray, size: Sequence[int]) -> tupl
     return ndimage.zoom(image, factors, order=3), ndimage.zoom(label, factors, order=0)
 
 
-def as_labels(label: np.ndarray, source: Union[str, Path]) -> np.ndarray:
-    """Labels stored as floats or ints -> int64, refusing negative or fractional values (naming the source)."""
+def as_labels(label: np.ndarray, source: Union[str, Path], num_classes: int) -> np.ndarray:
+    """Labels stored as floats or ints -> int64, refusing fractional values and values outside
+    ``0..num_classes - 1`` (naming the source and the values)."""
     values = np.asarray(label)
     rounded = np.rint(values)
-    if values.size and (rounded.min() < 0 or not np.allclose(values, rounded)):
-        raise ValueError(f"{source}: labels must be non-negative integers, got values in "
-                         f"[{values.min()}, {values.max()}]")
-    return rounded.astype(np.int64)
+    if values.size and not np.allclose(values, rounded):
+        raise ValueError(f"{source}: labels must be integers, got values in [{values.min()}, {values.max()}]")
+    labels = rounded.astype(np.int64)
+    check_labels(labels, num_classes, source)
+    return labels
 
 
 class SliceDataset(Dataset):
@@ -245,7 +211,7 @@ class MedicalSliceDataModule(ResumableTrainData, pl.LightningDataModule):
                                      persistent_workers=self.num_workers > 0)
 
     def _cases_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=1, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets[split], 1, num_workers=self.num_workers, collate_fn=collate_cases)
 
     def val_dataloader(self) -> DataLoader:
         return self._cases_loader("val")
@@ -291,11 +257,11 @@ class SynapseDataModule(MedicalSliceDataModule):
 
     def load_slice(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         arrays = read_npz(path, ("image", "label"))
-        return arrays["image"], as_labels(arrays["label"], path)
+        return arrays["image"], as_labels(arrays["label"], path, self.num_classes)
 
     def load_case(self, path: Path) -> dict:
         arrays = read_h5(path, ("image", "label"), optional=("spacing",))
-        image, label = arrays["image"], as_labels(arrays["label"], path)
+        image, label = arrays["image"], as_labels(arrays["label"], path, self.num_classes)
         if image.ndim != 3 or image.shape != label.shape:
             raise ValueError(f"{path}: expected image and label volumes (D, H, W) of one shape, got "
                              f"{image.shape} and {label.shape}")

@@ -8,7 +8,8 @@
 ``data_dir`` at a folder with the PNG + XML pairs. The package is located without importing it.
 
 The images are tiled into ``tile_size`` squares (the last row and column aligned to the image border);
-a box is kept in a tile when at least ``min_visible`` of it lies inside, clipped to the tile. Split by
+a box is kept in a tile when at least ``min_visible`` of it lies inside, clipped to the tile. Degenerate boxes
+and boxes outside their image are dropped and counted, once per split (``datamodules.checks.BoxReport``). Split by
 image, so no crown is seen in both: ``val_images`` (by default the 1249x1035 Yellowstone crop) validate,
 the others train (flips as augmentation).
 """
@@ -25,9 +26,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .ade20k import read_rgb
+from .checks import BoxReport
 from .coco import collate_detection, crop_target, flip_target
+from .evaluation import evaluation_loader
 from .nuclei import package_data_dir
+from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 
 IMAGES = ("OSBS_029", "SOAP_061", "2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
@@ -146,11 +149,17 @@ class TreeCrownsDataModule(ResumableTrainData, pl.LightningDataModule):
         if self.datasets:
             return
         tiles: dict[str, list] = {"train": [], "val": []}
+        reports = {split: BoxReport(f"tree-crown {split} boxes in {self.folder}") for split in tiles}
         for name in IMAGES:
-            image = torch.from_numpy(np.array(read_rgb(self.folder / f"{name}.png"))).permute(2, 0, 1).float() / 255
+            image = torch.from_numpy(np.array(read_image(self.folder / f"{name}.png", "RGB")))
+            image = image.permute(2, 0, 1).float() / 255
             boxes = read_voc_boxes(self.folder / f"{name}.xml")
             split = "val" if name in self.val_images else "train"
-            tiles[split] += tile_image(image, boxes, self.tile_size, self.min_visible)
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+            keep = reports[split].keep(xywh.numpy(), *image.shape[-2:])
+            tiles[split] += tile_image(image, boxes[torch.from_numpy(keep)], self.tile_size, self.min_visible)
+        for report in reports.values():
+            report.report()
         self.datasets = {"train": TreeTiles(tiles["train"], True, self.flip_prob, self.seed),
                          "val": TreeTiles(tiles["val"], False)}
 
@@ -159,8 +168,8 @@ class TreeCrownsDataModule(ResumableTrainData, pl.LightningDataModule):
                                      collate_fn=collate_detection)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_detection)
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_detection)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

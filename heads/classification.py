@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .interface import HeadInputs
+
 
 class LinearClassifier(nn.Module):
     """Dropout then a linear layer, on the pooled features from ``forward_head(pre_logits=True)``.
@@ -14,7 +16,7 @@ class LinearClassifier(nn.Module):
         drop_rate: dropout before the linear layer.
     """
 
-    consumes = "pooled"
+    inputs = HeadInputs.POOLED
 
     def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()

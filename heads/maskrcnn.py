@@ -28,6 +28,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .interface import HeadInputs
+
 Targets = Optional[list[dict[str, Tensor]]]
 
 
@@ -58,7 +60,7 @@ class MaskRCNN(nn.Module):
         image_std: normalisation std (0-1 scale).
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, strides: Optional[Sequence[int]] = None,
                  fpn_channels: int = 256, representation_size: int = 1024, mask_channels: int = 256,

@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from backbones.vmamba import VSSBlock
+from backbones.layers import VSSBlock
 
+from .interface import HeadInputs
 from .vmunet import pixel_expand
 
 __all__ = ["LKPE", "MSVMUNetDecoder", "MultiScaleConv", "MultiScaleMlp", "MSVSSBlock"]
@@ -66,7 +67,7 @@ class MSVSSBlock(VSSBlock):
         mlp_ratio: MLP hidden width as a multiple of dim.
         kernel_sizes: depthwise kernels of the multi-scale convolution.
         norm_layer: channels-last normalisation.
-        **ssm_kwargs: passed to ``SS2D``.
+        **ssm_kwargs: passed to ``VSSBlock``: its ``mixer_layer`` (``SS2D`` by default) and the mixer's options.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
@@ -123,7 +124,7 @@ class MSVMUNetDecoder(nn.Module):
         block: ``(dim, drop_path=...) -> channels-last module``; VMamba v2 MSVSS blocks by default.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
                  depths: Sequence[int] = (2, 2, 2), drop_path_rate: float = 0.2,

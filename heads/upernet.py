@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .interface import HeadInputs
 
-class ConvNormAct(nn.Module):
-    """Conv (no bias), norm, ReLU: mmcv's ``ConvModule`` with a norm layer, named ``conv`` and ``bn`` as there.
+
+class ConvModule(nn.Module):
+    """Conv (no bias), norm, ReLU: mmcv's ``ConvModule`` with a norm layer, named ``conv`` and ``bn`` as there
+    (timm's ``ConvNormAct``, used by HRVMamba's neck, has the same keys but not mmcv's initialisation).
 
     Initialised as mmcv does: Kaiming normal (fan-out, ReLU) for the conv, ones and zeros for the norm.
     """
@@ -45,11 +48,11 @@ def resize(x: Tensor, size: Sequence[int], align_corners: bool = False) -> Tenso
 
 class PyramidPooling(nn.ModuleList):
     """PSPNet's pyramid pooling module: for each scale, adaptive average pooling to ``scale x scale``, a 1x1
-    ConvNormAct, and bilinear upsampling back; returns the input and every pooled branch."""
+    ConvModule, and bilinear upsampling back; returns the input and every pooled branch."""
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int,
                  norm_layer: Callable[[int], nn.Module], align_corners: bool = False) -> None:
-        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvNormAct(in_channels, channels, 1, norm_layer))
+        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvModule(in_channels, channels, 1, norm_layer))
                          for scale in pool_scales)
         self.align_corners = align_corners
 
@@ -90,10 +93,10 @@ class UPerHead(DecodeHead):
         super().__init__(channels, num_classes, dropout)
         self.align_corners = align_corners
         self.psp_modules = PyramidPooling(pool_scales, in_channels[-1], channels, norm_layer, align_corners)
-        self.bottleneck = ConvNormAct(in_channels[-1] + len(pool_scales) * channels, channels, 3, norm_layer)
-        self.lateral_convs = nn.ModuleList(ConvNormAct(c, channels, 1, norm_layer) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(ConvNormAct(channels, channels, 3, norm_layer) for _ in in_channels[:-1])
-        self.fpn_bottleneck = ConvNormAct(len(in_channels) * channels, channels, 3, norm_layer)
+        self.bottleneck = ConvModule(in_channels[-1] + len(pool_scales) * channels, channels, 3, norm_layer)
+        self.lateral_convs = nn.ModuleList(ConvModule(c, channels, 1, norm_layer) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3, norm_layer) for _ in in_channels[:-1])
+        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, norm_layer)
 
     def forward_features(self, features: Sequence[Tensor]) -> Tensor:
         """The fused decoder features (before the classifier) at the finest level's resolution."""
@@ -110,7 +113,7 @@ class UPerHead(DecodeHead):
 
 
 class FCNHead(DecodeHead):
-    """FCN auxiliary head on one backbone level: ``num_convs`` 3x3 ConvNormAct layers, then the classifier.
+    """FCN auxiliary head on one backbone level: ``num_convs`` 3x3 ConvModule layers, then the classifier.
 
     Args:
         in_channels: channels of the level it reads.
@@ -125,7 +128,7 @@ class FCNHead(DecodeHead):
                  dropout: float = 0.1, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__(channels, num_classes, dropout)
         widths = [in_channels] + [channels] * num_convs
-        self.convs = nn.Sequential(*(ConvNormAct(c_in, c_out, 3, norm_layer)
+        self.convs = nn.Sequential(*(ConvModule(c_in, c_out, 3, norm_layer)
                                      for c_in, c_out in zip(widths[:-1], widths[1:])))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -154,7 +157,7 @@ class UperNet(nn.Module):
         align_corners: ``align_corners`` of every bilinear resize.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, strides: Optional[Sequence[int]] = None,
                  channels: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,

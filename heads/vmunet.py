@@ -25,8 +25,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from backbones.layers import init_linear_trunc_normal
-from backbones.vmamba import VSSBlock
+from backbones.layers import VSSBlock, init_linear_trunc_normal
+
+from .interface import HeadInputs
 
 __all__ = ["PatchExpand", "VMUNetDecoder", "pixel_expand"]
 
@@ -86,7 +87,7 @@ class VMUNetDecoder(nn.Module):
             reference's ``load_from``); the task calls ``init_from_encoder`` with its backbone.
     """
 
-    consumes = "features"
+    inputs = HeadInputs.FEATURES
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
                  depths: Sequence[int] = (2, 2, 2, 1), drop_path_rate: float = 0.2,

@@ -36,19 +36,26 @@ class ClassificationTask(BackboneHeadTask):
         distill_type: "hard" (cross-entropy against the teacher's argmax, as DeiT and GroupMamba train)
             or "soft" (KL divergence at temperature ``distill_tau``).
         distill_tau: softening temperature of "soft" distillation.
+        weight_decay: weight decay of the decayed parameters (none on norms, biases, A_logs, Ds).
+        batch_transform: ``(images, targets) -> (images, soft targets)`` applied to training batches
+            (the data module's Mixup/CutMix), or None.
 
-    When the datamodule has a ``batch_transform`` (Mixup/CutMix), it is applied to training batches
-    and the loss becomes soft-target cross-entropy. With a teacher, the model has two heads on the same
-    pooled features: ``head`` learns the labels, ``dist_head`` the teacher's predictions, and at
-    evaluation the two heads' logits are averaged (DeiT's convention).
+    With a ``batch_transform`` the loss becomes soft-target cross-entropy. With a teacher, the model has two
+    heads on the same pooled features: ``head`` learns the labels, ``dist_head`` the teacher's predictions,
+    and at evaluation the two heads' logits are averaged (DeiT's convention).
     """
+
+    data_inputs = ("num_classes", "batch_transform")
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: Callable, num_classes: int,
                  scheduler: Optional[Callable] = None, label_smoothing: float = 0.0,
                  layer_decay: Optional[float] = None, compile: bool = False, teacher: Optional[nn.Module] = None,
-                 distill_alpha: float = 0.5, distill_type: str = "hard", distill_tau: float = 1.0) -> None:
-        super().__init__(backbone, head, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler", "teacher"], logger=False)
+                 distill_alpha: float = 0.5, distill_type: str = "hard", distill_tau: float = 1.0,
+                 weight_decay: float = 0.0, batch_transform: Optional[Callable] = None) -> None:
+        super().__init__(backbone, head, optimizer, scheduler, weight_decay)
+        self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler", "teacher", "batch_transform"],
+                                  logger=False)
+        self.batch_transform = batch_transform
         if distill_type not in DISTILLATION_TYPES:
             raise ValueError(f"distill_type must be one of {DISTILLATION_TYPES}, got {distill_type!r}")
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
@@ -59,6 +66,9 @@ class ClassificationTask(BackboneHeadTask):
         self.metrics.update({
             f"{stage}_acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
             for stage in ("val", "test")})
+        # The evaluation loss is a sample-weighted mean kept as metric states (sums), which synchronise exactly when
+        # processes hold different numbers of samples; Lightning's own mean over processes truncates the sample count.
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
         self.top_k = top_k
         self.val_acc_best = MaxMetric()
         self.train_loss = MeanMetric()
@@ -103,10 +113,6 @@ class ClassificationTask(BackboneHeadTask):
         return F.kl_div(F.log_softmax(dist_logits.float() / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
                         reduction="batchmean", log_target=True) * tau * tau
 
-    def _batch_transform(self) -> Optional[Callable]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return getattr(datamodule, "batch_transform", None)
-
     def training_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Label loss (hard or soft targets), mixed with the distillation loss when there is a teacher."""
         features = self.backbone(images)
@@ -118,9 +124,8 @@ class ClassificationTask(BackboneHeadTask):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
-        transform = self._batch_transform()
-        if transform is not None:
-            images, targets = transform(images, targets)
+        if self.batch_transform is not None:
+            images, targets = self.batch_transform(images, targets)
         loss = self.training_loss(images, targets)
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -129,7 +134,8 @@ class ClassificationTask(BackboneHeadTask):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, targets = batch
         logits = self(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True, prog_bar=True)
+        self.metrics[f"{stage}_loss"].update(F.cross_entropy(logits, targets), weight=len(targets))
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"], on_epoch=True, prog_bar=True)
         for name in (f"{stage}_acc", f"{stage}_acc_top{self.top_k}"):
             self.metrics[name](logits, targets)
             self.log(name.replace("_", "/", 1), self.metrics[name], on_epoch=True, prog_bar=name.endswith("_acc"))

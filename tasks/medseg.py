@@ -32,10 +32,11 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -44,7 +45,9 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from .base import BackboneHeadTask
+from .data_inputs import class_name_tuple, float_tuple, require, size_pair
 from .losses import DiceCELoss
+from .overlays import paint_labels, palette, to_uint8_image, write_panels
 
 log = logging.getLogger("mambalab")
 
@@ -179,6 +182,16 @@ def metrics_table(values: np.ndarray, class_names: Sequence[str], unit: str, tit
     return "\n".join(lines)
 
 
+def gather_objects(items: Sequence) -> list:
+    """Every process's ``items`` concatenated in rank order (``items`` itself without a process group): the
+    case names that go with the per-case rows ``CaseMetrics`` gathers in the same order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 class CaseMetrics(Metric):
     """Per-case, per-class (DSC, HD95, empty flag) rows and pixel counts (TP, FP, FN, TN per class),
     gathered across processes."""
@@ -198,43 +211,14 @@ class CaseMetrics(Metric):
         return dim_zero_cat(self.cases), self.counts
 
 
-def palette(num_colours: int) -> np.ndarray:
-    """Distinct uint8 RGB colours (matplotlib's tab10, then tab20) for label overlays."""
-    import matplotlib
-
-    colours = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20"].colors)
-    return (np.array(colours[:max(num_colours, 1)]) * 255).astype(np.uint8)
-
-
-def overlay_png(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, path: Path, alpha: float = 0.5) -> None:
-    """Save image | image with the label | image with the prediction (foreground classes coloured)."""
-    from PIL import Image
-
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = np.moveaxis(image[:3], 0, -1) if image.shape[0] in (1, 3) else image
-    low, high = float(image.min()), float(image.max())
-    grey = ((image - low) / max(high - low, 1e-6) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, -1) if grey.ndim == 2 else np.repeat(grey, 3 // grey.shape[-1], -1)
-    colours = palette(int(max(label.max(), prediction.max(), 1)))
-
-    def blend(labels: np.ndarray) -> np.ndarray:
-        out = rgb.astype(np.float32)
-        mask = labels > 0
-        out[mask] = (1 - alpha) * out[mask] + alpha * colours[labels[mask] - 1]
-        return out.astype(np.uint8)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate([rgb, blend(label), blend(prediction)], axis=1)).save(path)
-
-
 class MedicalSegmentationTask(BackboneHeadTask):
     """Dice + CE training of ``head(backbone features)``; per-case DSC/HD95 evaluation tabled per class.
 
     Training batches are dicts with ``image`` ``(B, C, H, W)`` and ``label`` ``(B, H, W)``. Evaluation
     batches are lists of cases: dicts with ``image`` (``(D, H, W)`` or ``(D, C, H, W)`` array, un-normalised),
-    ``label`` ``(D, H, W)``, ``case`` (name) and ``spacing`` (``(z, y, x)`` or None). The data module
-    provides ``img_size``, ``mean``, ``std``, ``in_chans`` and ``class_names`` (foreground classes).
+    ``label`` ``(D, H, W)``, ``case`` (name) and ``spacing`` (``(z, y, x)`` or None). Evaluation zooms, normalises
+    and channel-repeats slices as the data module does for training, so the task is told ``img_size``, ``mean``,
+    ``std`` and ``in_chans`` (run.py passes the data module's); building it without them is an error.
 
     Args:
         backbone: a timm-style model built with ``features_only=True``.
@@ -251,16 +235,29 @@ class MedicalSegmentationTask(BackboneHeadTask):
         num_overlays: cases per evaluation saved as image | label | prediction PNGs under ``<run>/overlays``
             (the slice with the most labelled pixels).
         compile: wrap the backbone in ``torch.compile`` at fit time.
+        weight_decay: weight decay of the decayed parameters (none on norms, biases, A_logs, Ds).
+        img_size: the network input size ``(height, width)`` (or one int) every evaluation slice is zoomed to.
+        mean, std: the normalisation applied after the zoom, one value per image channel.
+        in_chans: image channels the network takes (grey slices are repeated to it).
+        class_names: names of the foreground classes, for tables and metric names (default: the numbers).
     """
+
+    data_inputs = ("num_classes", "img_size", "mean", "std", "in_chans", "class_names")
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: Callable, num_classes: int,
                  scheduler: Optional[Callable] = None, ce_weight: float = 0.4, dice_weight: float = 0.6,
                  freeze_encoder_epochs: int = 0, eval_batch_size: int = 16, num_overlays: int = 4,
-                 compile: bool = False) -> None:
-        super().__init__(backbone, head, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler"], logger=False)
-        self.loss = DiceCELoss(ce_weight, dice_weight)
+                 compile: bool = False, weight_decay: float = 0.0, img_size: Union[None, int, Sequence[int]] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 in_chans: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> None:
+        super().__init__(backbone, head, optimizer, scheduler, weight_decay)
+        require(type(self).__name__, img_size=img_size, mean=mean, std=std, in_chans=in_chans)
         self.eval_classes = [1] if num_classes == 1 else list(range(1, num_classes))
+        img_size, mean, std, in_chans = size_pair(img_size), float_tuple(mean), float_tuple(std), int(in_chans)
+        class_names = class_name_tuple(class_names, len(self.eval_classes), type(self).__name__)
+        self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler"], logger=False)
+        self.class_names = class_names or tuple(str(c) for c in self.eval_classes)
+        self.loss = DiceCELoss(ce_weight, dice_weight)
         self.metrics = nn.ModuleDict({stage: CaseMetrics(len(self.eval_classes)) for stage in ("val", "test")})
         self._cases_seen: dict[str, list[tuple[str, bool]]] = {"val": [], "test": []}
         if getattr(head, "encoder_init", False):
@@ -273,11 +270,6 @@ class MedicalSegmentationTask(BackboneHeadTask):
         if logits.shape[-2:] != images.shape[-2:]:
             logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits
-
-
-    def _datamodule_attr(self, name: str, default: Any = None) -> Any:
-        trainer = self._trainer
-        return getattr(getattr(trainer, "datamodule", None), name, default) if trainer is not None else default
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_encoder_epochs:
@@ -293,12 +285,10 @@ class MedicalSegmentationTask(BackboneHeadTask):
         return losses["loss"]
 
     def _evaluate(self, cases: Sequence[dict], stage: str) -> None:
-        size = self._datamodule_attr("img_size", 224)
-        patch = (size, size) if isinstance(size, int) else tuple(size)
+        hparams = self.hparams
         for case in cases:
-            prediction = predict_volume(
-                self, case["image"], patch, self._datamodule_attr("mean", (0.0,)), self._datamodule_attr("std", (1.0,)),
-                self._datamodule_attr("in_chans", 1), self.hparams.eval_batch_size, self.device)
+            prediction = predict_volume(self, case["image"], hparams.img_size, hparams.mean, hparams.std,
+                                        hparams.in_chans, hparams.eval_batch_size, self.device)
             label = np.asarray(case["label"]).astype(np.int64)
             if prediction.shape != label.shape:
                 raise ValueError(f"case {case['case']}: label shape {label.shape} does not match its image "
@@ -316,8 +306,11 @@ class MedicalSegmentationTask(BackboneHeadTask):
     def _save_overlay(self, case: dict, prediction: np.ndarray, label: np.ndarray, stage: str) -> None:
         index = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1)))
         name = f"{stage}_epoch{self.current_epoch:03d}_{case['case']}_slice{index:03d}.png"
-        overlay_png(np.asarray(case["image"])[index], label[index], prediction[index],
-                    Path(self.trainer.default_root_dir) / "overlays" / name)
+        rgb = to_uint8_image(np.asarray(case["image"])[index])
+        colours = palette(max(self.hparams.num_classes, 2))
+        write_panels(Path(self.trainer.default_root_dir) / "overlays" / name,
+                     [rgb, paint_labels(rgb, label[index], colours, skip=(0,)),
+                      paint_labels(rgb, prediction[index], colours, skip=(0,))])
 
     def validation_step(self, batch: Sequence[dict], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -337,8 +330,9 @@ class MedicalSegmentationTask(BackboneHeadTask):
             return
         cases, counts = metric.compute()
         metric.reset()
+        seen = gather_objects(self._cases_seen[stage])
         values, counts = cases.double().cpu().numpy(), counts.double().cpu().numpy()
-        names = list(self._datamodule_attr("class_names", None) or [str(c) for c in self.eval_classes])
+        names = self.class_names
         self.log(f"{stage}/DSC", float(values[..., 0].mean()), prog_bar=True)
         self.log(f"{stage}/HD95", float(values[..., 1].mean()), prog_bar=True)
         for name, (dsc, distance) in zip(names, values[..., :2].mean(0)):
@@ -355,7 +349,6 @@ class MedicalSegmentationTask(BackboneHeadTask):
             self.log(f"{stage}/specificity", float(tn / max(tn + fp, 1)))
         if self.trainer.sanity_checking or self.global_rank != 0:
             return
-        seen = self._cases_seen[stage]
         unit = "mm" if seen and all(has_spacing for _, has_spacing in seen) else "voxels"
         title = f"{stage} (epoch {self.current_epoch}, {values.shape[0]} cases): per-class DSC and HD95"
         table = metrics_table(values, names, unit, title)

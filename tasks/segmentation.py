@@ -3,7 +3,8 @@
 Metrics follow mmseg's ``IoUMetric``: intersections and unions are summed over the whole dataset (a
 confusion matrix, torchmetrics' ``MulticlassJaccardIndex``) before dividing, so mIoU is the mean over
 classes that occur in the labels or the predictions; aAcc is the fraction of labelled pixels predicted
-right. Predictions are compared with the labels at the labels' resolution.
+right. Predictions are compared with the labels at the labels' resolution. A set without a single labelled
+pixel has no such scores: they are logged as NaN, with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from heads.interface import AuxiliaryHead
+
 from .base import BackboneHeadTask
+from .data_inputs import class_name_tuple, float_tuple
+from .overlays import paint_labels, palette, to_uint8_image, write_panels
 
 log = logging.getLogger("mambalab")
 
@@ -64,40 +69,6 @@ def slide_inference(model: Callable[[Tensor], Tensor], images: Tensor, num_class
     return logits / count
 
 
-def palette(num_classes: int, seed: int = 0) -> np.ndarray:
-    """A fixed, distinct-enough colour per class (uint8, ``(num_classes, 3)``)."""
-    return np.random.default_rng(seed).integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
-
-
-def to_uint8_image(image: Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> np.ndarray:
-    """A normalised ``(C, H, W)`` image back to ``(H, W, 3)`` uint8 (min-max scaled when mean/std are unknown)."""
-    image = image.detach().float().cpu()
-    if mean is not None and std is not None:
-        image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-        if max(mean) <= 1.0:
-            image = image * 255
-    else:
-        low, high = image.amin(dim=(1, 2), keepdim=True), image.amax(dim=(1, 2), keepdim=True)
-        image = (image - low) / (high - low).clamp_min(1e-6) * 255
-    image = image.clamp(0, 255).round().byte()
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    return image[:3].permute(1, 2, 0).numpy()
-
-
-def overlay_panels(image: np.ndarray, target: np.ndarray, prediction: np.ndarray, colours: np.ndarray,
-                   ignore_index: int = 255, alpha: float = 0.5) -> np.ndarray:
-    """Image | image with ground-truth colours | image with predicted colours, side by side."""
-
-    def blend(labels: np.ndarray) -> np.ndarray:
-        valid = (labels != ignore_index) & (labels < len(colours))
-        out = image.astype(np.float32)
-        out[valid] = (1 - alpha) * out[valid] + alpha * colours[labels[valid]]
-        return out.astype(np.uint8)
-
-    return np.concatenate([image, blend(target), blend(prediction)], axis=1)
-
-
 def iou_table(confmat: Tensor, class_names: Sequence[str]) -> tuple[str, list[tuple[str, float, float]]]:
     """Per-class IoU and accuracy in percent (NaN for classes absent from labels and predictions): a text
     table of the classes present, and all rows."""
@@ -127,8 +98,8 @@ class SegmentationTask(BackboneHeadTask):
 
     Args:
         backbone: a timm-style model built with ``features_only=True``.
-        head: a dense head (``UperNet``) mapping the feature list to logits; its optional ``forward_aux``
-            and ``aux_weight`` add the auxiliary loss.
+        head: a dense head (``UperNet``) mapping the feature list to logits; a head that implements
+            ``heads.interface.AuxiliaryHead`` adds its auxiliary loss, weighted by its ``aux_weight``.
         optimizer: partial optimiser, called with parameter groups (no weight decay on norms, biases,
             A_logs, Ds and the backbone's ``no_weight_decay()`` names).
         num_classes: number of classes.
@@ -145,17 +116,29 @@ class SegmentationTask(BackboneHeadTask):
         per_class_metrics: also log each class's IoU as ``<stage>/IoU_<class>`` (for small label sets; the
             per-class table is printed and written to ``<run>/per_class_iou_<stage>.csv`` either way).
         compile: wrap the backbone in ``torch.compile`` at fit time.
+        weight_decay: weight decay of the decayed parameters (none on norms, biases, A_logs, Ds).
+        class_names: one name per class, for the per-class table and metric names (default: the numbers).
+        mean, std: the normalisation of the images, undone to draw overlays (without them overlays are
+            min-max scaled).
     """
+
+    data_inputs = ("num_classes", "class_names", "mean", "std")
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: Callable, num_classes: int,
                  scheduler: Optional[Callable] = None, ignore_index: int = 255, inference: str = "whole",
                  crop_size: Union[int, Sequence[int]] = 512, stride: Union[int, Sequence[int]] = 341,
                  size_divisor: int = 32, avg_non_ignore: bool = False, num_overlays: int = 4,
-                 per_class_metrics: bool = False, compile: bool = False) -> None:
-        super().__init__(backbone, head, optimizer, scheduler)
+                 per_class_metrics: bool = False, compile: bool = False, weight_decay: float = 0.0,
+                 class_names: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None) -> None:
+        super().__init__(backbone, head, optimizer, scheduler, weight_decay)
         if inference not in ("whole", "slide"):
             raise ValueError(f"SegmentationTask: inference must be 'whole' or 'slide', got {inference!r}")
+        class_names = class_name_tuple(class_names, num_classes, "SegmentationTask")
+        mean, std = float_tuple(mean), float_tuple(std)
         self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler"], logger=False)
+        self.class_names = class_names or tuple(str(i) for i in range(num_classes))
+        self.mean, self.std = mean, std
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
         self.metrics = nn.ModuleDict({stage: MulticlassJaccardIndex(num_classes, average="macro",
@@ -166,11 +149,6 @@ class SegmentationTask(BackboneHeadTask):
     def forward(self, images: Tensor) -> Tensor:
         """Logits at the resolution of the finest feature level."""
         return self.head(self.backbone(images))
-
-
-    def _datamodule_attr(self, name: str, default=None):
-        trainer = self._trainer
-        return getattr(getattr(trainer, "datamodule", None), name, default) if trainer is not None else default
 
     def cross_entropy(self, logits: Tensor, masks: Tensor) -> Tensor:
         """Cross-entropy of logits upsampled to the label size (mmseg's ``loss_by_feat``)."""
@@ -185,7 +163,7 @@ class SegmentationTask(BackboneHeadTask):
         features = self.backbone(images)
         loss_decode = self.cross_entropy(self.head(features), masks)
         loss = loss_decode
-        aux_logits = self.head.forward_aux(features) if hasattr(self.head, "forward_aux") else None
+        aux_logits = self.head.forward_aux(features) if isinstance(self.head, AuxiliaryHead) else None
         if aux_logits is not None:
             loss_aux = self.cross_entropy(aux_logits, masks)
             loss = loss + self.head.aux_weight * loss_aux
@@ -235,20 +213,15 @@ class SegmentationTask(BackboneHeadTask):
     def _save_overlays(self, images: Images, masks: Sequence[Tensor], predictions: Sequence[Tensor]) -> None:
         if self._overlays_done >= self.hparams.num_overlays or self.global_rank != 0:
             return
-        from PIL import Image
-
-        directory = Path(self.trainer.default_root_dir) / "overlays"
-        directory.mkdir(parents=True, exist_ok=True)
-        colours = palette(self.hparams.num_classes)
-        mean, std = self._datamodule_attr("mean"), self._datamodule_attr("std")
+        colours, skip = palette(self.hparams.num_classes), (self.hparams.ignore_index,)
         for image, mask, prediction in zip(images, masks, predictions):
             if self._overlays_done >= self.hparams.num_overlays:
                 break
             image = F.interpolate(image[None].float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
-            panels = overlay_panels(to_uint8_image(image[0], mean, std), mask.cpu().numpy(),
-                                    prediction.cpu().numpy(), colours, self.hparams.ignore_index)
+            rgb = to_uint8_image(image[0], self.mean, self.std)
             name = f"val_epoch{self.current_epoch:03d}_{self._overlays_done}.png"
-            Image.fromarray(panels).save(directory / name)
+            write_panels(Path(self.trainer.default_root_dir) / "overlays" / name,
+                         [rgb, paint_labels(rgb, mask, colours, skip), paint_labels(rgb, prediction, colours, skip)])
             self._overlays_done += 1
 
     def evaluation_epoch_end(self, stage: str) -> None:
@@ -259,11 +232,12 @@ class SegmentationTask(BackboneHeadTask):
         with metric.sync_context(should_sync=True, should_unsync=True):
             confmat = metric.confmat.clone()
         metric.reset()
-        total = confmat.sum().clamp_min(1)
+        if not confmat.sum():
+            self._no_labelled_pixels(stage)
+            return
         self.log(f"{stage}/mIoU", miou, sync_dist=False, prog_bar=True)
-        self.log(f"{stage}/aAcc", confmat.diag().sum() / total, sync_dist=False)
-        names = self._datamodule_attr("class_names") or [str(i) for i in range(self.hparams.num_classes)]
-        table, rows = iou_table(confmat, names)
+        self.log(f"{stage}/aAcc", confmat.diag().sum() / confmat.sum(), sync_dist=False)
+        table, rows = iou_table(confmat, self.class_names)
         self.log(f"{stage}/mAcc", torch.tensor(np.nanmean([acc for _, _, acc in rows]) / 100), sync_dist=False)
         if self.hparams.per_class_metrics:
             for name, iou, _ in rows:
@@ -276,3 +250,12 @@ class SegmentationTask(BackboneHeadTask):
         directory.mkdir(parents=True, exist_ok=True)
         lines = ["class,IoU,Acc"] + [f"{name},{iou:.2f},{acc:.2f}" for name, iou, acc in rows]
         (directory / f"per_class_iou_{stage}.csv").write_text("\n".join(lines) + "\n")
+
+    def _no_labelled_pixels(self, stage: str) -> None:
+        """A set whose labels are all ``ignore_index`` has no scores: NaN is logged, and a warning says why."""
+        for name in ("mIoU", "aAcc", "mAcc"):
+            self.log(f"{stage}/{name}", float("nan"), sync_dist=False, prog_bar=name == "mIoU")
+        if not self.trainer.sanity_checking and self.global_rank == 0:
+            log.warning("%s: no labelled pixel in the whole %s set (every label is ignore_index=%d): mIoU, aAcc "
+                        "and mAcc are undefined and logged as NaN", type(self).__name__, stage,
+                        self.hparams.ignore_index)

@@ -43,8 +43,18 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a user's shell running run.py from a checkout."""
+    return dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python run.py <args>`` as a user would, from ``cwd``."""
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args: list[str], cwd: Path, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``python [launcher] run.py <args>`` without waiting, as a shell loop or job array does."""
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "run.py"), *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

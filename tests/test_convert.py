@@ -6,70 +6,30 @@ they fit; run checkpoints (classification, distillation, dense) export to folder
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 
 import pytest
 import timm
 import torch
 
 import backbones
+from tests.official import (
+    VIM_D_STATE,
+    VIM_DEPTH,
+    VIM_DIM,
+    efficientvmamba_official,
+    groupmamba_official_key,
+    hrvmamba_official_key,
+    msvmamba_official,
+    vim_official,
+    vim_reference_model,
+    vmamba_official,
+)
 from tools.convert import convert_state_dict, load_official, main, matching_variants
 from tools.export import export_checkpoint
 from tools.export import main as export_main
 
 TEST_VARIANTS = [name for name in backbones.list_backbones() if name.startswith("test_")]
-
-
-def vmamba_official(depths, dims, d_state, ssm_ratio, gated, conv_bias, mlp_ratio, generation, num_classes,
-                    meta=False) -> dict:
-    """An official VMamba state dict: v0 release names (``patch_embed.proj``, ``ln_1``, ``self_attention``,
-    ``layers.i.downsample.reduction``, ``norm``, ``head``) or v2 release names (``patch_embed.{0,2,5,7}``,
-    ``norm``/``op``/``norm2``/``mlp``, ``layers.i.downsample.{1,3}``, ``classifier.{norm,head}``)."""
-    g = torch.Generator().manual_seed(0)
-    shapes, c0 = {}, dims[0]
-    if generation == "v0":
-        shapes.update({"patch_embed.proj.weight": (c0, 3, 4, 4), "patch_embed.proj.bias": (c0,),
-                       "patch_embed.norm.weight": (c0,), "patch_embed.norm.bias": (c0,)})
-    else:
-        shapes.update({"patch_embed.0.weight": (c0 // 2, 3, 3, 3), "patch_embed.0.bias": (c0 // 2,),
-                       "patch_embed.2.weight": (c0 // 2,), "patch_embed.2.bias": (c0 // 2,),
-                       "patch_embed.5.weight": (c0, c0 // 2, 3, 3), "patch_embed.5.bias": (c0,),
-                       "patch_embed.7.weight": (c0,), "patch_embed.7.bias": (c0,)})
-    norm, op = ("ln_1", "self_attention") if generation == "v0" else ("norm", "op")
-    for i, (depth, c) in enumerate(zip(depths, dims)):
-        d, rank = int(ssm_ratio * c), math.ceil(c / 16)
-        for j in range(depth):
-            p = f"layers.{i}.blocks.{j}."
-            shapes.update({
-                p + f"{norm}.weight": (c,), p + f"{norm}.bias": (c,),
-                p + f"{op}.x_proj_weight": (4, rank + 2 * d_state, d), p + f"{op}.dt_projs_weight": (4, d, rank),
-                p + f"{op}.dt_projs_bias": (4, d), p + f"{op}.A_logs": (4 * d, d_state), p + f"{op}.Ds": (4 * d,),
-                p + f"{op}.out_norm.weight": (d,), p + f"{op}.out_norm.bias": (d,),
-                p + f"{op}.in_proj.weight": (2 * d if gated else d, c), p + f"{op}.conv2d.weight": (d, 1, 3, 3),
-                p + f"{op}.out_proj.weight": (c, d)})
-            if conv_bias:
-                shapes[p + f"{op}.conv2d.bias"] = (d,)
-            if mlp_ratio:
-                hidden = int(mlp_ratio * c)
-                shapes.update({p + "norm2.weight": (c,), p + "norm2.bias": (c,), p + "mlp.fc1.weight": (hidden, c),
-                               p + "mlp.fc1.bias": (hidden,), p + "mlp.fc2.weight": (c, hidden),
-                               p + "mlp.fc2.bias": (c,)})
-        if i + 1 < len(dims):
-            p, out = f"layers.{i}.downsample.", dims[i + 1]
-            if generation == "v0":
-                shapes.update({p + "reduction.weight": (out, 4 * c), p + "norm.weight": (4 * c,),
-                               p + "norm.bias": (4 * c,)})
-            else:
-                shapes.update({p + "1.weight": (out, c, 3, 3), p + "1.bias": (out,), p + "3.weight": (out,),
-                               p + "3.bias": (out,)})
-    head = ("norm", "head") if generation == "v0" else ("classifier.norm", "classifier.head")
-    shapes.update({f"{head[0]}.weight": (dims[-1],), f"{head[0]}.bias": (dims[-1],),
-                   f"{head[1]}.weight": (num_classes, dims[-1]), f"{head[1]}.bias": (num_classes,)})
-    if meta:
-        return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    return {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
 
 
 def _v2(depths, dims, ssm_ratio):
@@ -216,25 +176,21 @@ def test_ema_weights_are_chosen_on_request_and_their_absence_is_named():
 
 
 def _msvmamba_official() -> tuple[dict, dict]:
-    from tests.test_msvmamba import _official_state_dict
-    return {"model": _official_state_dict((1, 1, 1, 1), (8, 16, 32, 64), 1.0, 1, "v3", False, 4.0, 3)}, {}
+    return {"model": msvmamba_official((1, 1, 1, 1), (8, 16, 32, 64), 1.0, 1, "v3", False, 4.0, 3)}, {}
 
 
 def _efficientvmamba_official() -> tuple[dict, dict]:
-    from tests.test_efficientvmamba import _official_state_dict
-    official = _official_state_dict((1, 1, 1, 1), (8, 16, 32, 64), d_state=2, num_classes=3)
+    official = efficientvmamba_official((1, 1, 1, 1), (8, 16, 32, 64), d_state=2, num_classes=3)
     return {"state_dict": {"module.module." + k: v for k, v in official.items()}}, {}
 
 
 def _vim_official() -> tuple[dict, dict]:
-    from tests.test_vim import D_STATE, DEPTH, DIM, official_state_dict
-    return ({"model": official_state_dict(num_classes=3), "args": argparse.Namespace(model="vim")},
-            dict(embed_dim=DIM, depth=DEPTH, d_state=D_STATE))
+    return ({"model": vim_official(num_classes=3), "args": argparse.Namespace(model="vim")},
+            dict(embed_dim=VIM_DIM, depth=VIM_DEPTH, d_state=VIM_D_STATE))
 
 
-def _from_family_test(variant: str, module: str) -> tuple[dict, dict]:
-    """Our random weights under the official names that the family's own test writes out."""
-    to_official = importlib.import_module(f"tests.{module}")._to_official
+def _from_official_keys(variant: str, to_official) -> tuple[dict, dict]:
+    """Our random weights under the official names that ``to_official`` gives."""
     torch.manual_seed(0)
     ours = timm.create_model(variant, num_classes=3).state_dict()
     return {"model": {to_official(k): torch.randn_like(v) if v.is_floating_point() else v
@@ -247,13 +203,13 @@ def _positive_variances(checkpoint: dict) -> dict:
             for k, v in checkpoint.items()}
 
 
-# The official layouts of the other families, as their own tests write them (names and shapes there).
+# The official layouts of the other families (names and shapes in tests/official.py).
 OTHER_FAMILIES = {
     "test_msvmamba": _msvmamba_official,
     "test_efficientvmamba": _efficientvmamba_official,
     "test_vim": _vim_official,
-    "test_groupmamba": lambda: _from_family_test("test_groupmamba", "test_groupmamba"),
-    "test_hrvmamba": lambda: _from_family_test("test_hrvmamba", "test_hrvmamba"),
+    "test_groupmamba": lambda: _from_official_keys("test_groupmamba", groupmamba_official_key),
+    "test_hrvmamba": lambda: _from_official_keys("test_hrvmamba", hrvmamba_official_key),
 }
 
 
@@ -279,16 +235,14 @@ def test_other_families_convert_their_official_layout_through_the_generic_cli(va
         torch.testing.assert_close(from_file(x), model(x), rtol=0, atol=0)
         torch.testing.assert_close(from_dir(x), model(x), rtol=0, atol=0)
     if variant == "test_vim":  # the family's float64 re-implementation of the released forward
-        from tests.test_vim import reference_model
-        torch.testing.assert_close(model(x).double(), reference_model(official, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), vim_reference_model(official, x), rtol=1e-4, atol=1e-5)
 
 
 def test_model_args_reach_the_model_a_pose_backbone_needs():
     """HRVMamba's pose checkpoints (mmpose ``state_dict`` with ``backbone.``) fit multiscale_output=False."""
-    from tests.test_hrvmamba import _to_official
     torch.manual_seed(0)
     pose = timm.create_model("test_hrvmamba", num_classes=0, multiscale_output=False)
-    official = {"backbone." + _to_official(k): torch.randn_like(v) if v.is_floating_point() else v
+    official = {"backbone." + hrvmamba_official_key(k): torch.randn_like(v) if v.is_floating_point() else v
                 for k, v in pose.state_dict().items()}
     official["head.final_layer.weight"] = torch.zeros(17, 8, 1, 1)
     model, conversion = convert_state_dict({"state_dict": official, "meta": {}}, "test_hrvmamba",

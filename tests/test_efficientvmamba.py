@@ -1,5 +1,5 @@
-"""EfficientVMamba: official parameter counts, features, the atrous scan against explicit indexing,
-the EVSS block's shared attention, and conversion of the released key layout."""
+"""EfficientVMamba: odd sizes, the atrous scan against explicit indexing, the EVSS block's shared attention,
+and conversion of the released key layout. Counts and features: test_timm_contract."""
 
 from __future__ import annotations
 
@@ -11,26 +11,7 @@ import torch.nn.functional as F
 import backbones  # noqa: F401  (registers the models)
 from backbones.efficientvmamba import BiAttn, EVSSBlock, checkpoint_filter_fn, rename_official_key
 from backbones.scan_patterns import AtrousScan
-
-# Official counts in millions, from the released models' training logs (GitHub release v1.0.0,
-# log_efficient_vmamba_{tiny,small,base}.txt: "params: 6.494 M / 11.274 M / 33.717 M").
-OFFICIAL_PARAMS = {"efficientvmamba_tiny": 6.494, "efficientvmamba_small": 11.274, "efficientvmamba_base": 33.717}
-
-
-@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
-def test_parameter_count_matches_official(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(count - OFFICIAL_PARAMS[name]) / OFFICIAL_PARAMS[name] < 0.005, count
-
-
-def test_features_are_four_nchw_stages():
-    model = timm.create_model("test_efficientvmamba", features_only=True)
-    features = model(torch.randn(2, 3, 64, 64))
-    assert [f.shape for f in features] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    assert model.feature_info.channels() == [8, 16, 32, 64]
+from tests.official import efficientvmamba_official
 
 
 def test_forward_backward_odd_sizes_and_one_channel():
@@ -118,55 +99,9 @@ def test_official_keys_map_to_parameters_of_the_same_shape():
         assert ours[rename_official_key(key)].shape == shape, key
 
 
-def _official_state_dict(depths, dims, d_state=16, ssm_ratio=2.0, num_classes=1000):
-    """A released-layout state dict, written from the official module structure (names and shapes)."""
-    g = torch.Generator().manual_seed(0)
-    bn = lambda p, c: {p + "weight": (c,), p + "bias": (c,), p + "running_mean": (c,), p + "running_var": (c,),  # noqa: E731
-                       p + "num_batches_tracked": ()}
-    shapes = {"patch_embed.0.weight": (dims[0], 3, 4, 4), "patch_embed.0.bias": (dims[0],),
-              "patch_embed.2.weight": (dims[0],), "patch_embed.2.bias": (dims[0],)}
-    for i, (depth, c) in enumerate(zip(depths, dims)):
-        if i < 2:
-            d, rank = int(ssm_ratio * c), -(-c // 16)
-            for j in range(depth):
-                p = f"layers.{i}.blocks.{j}."
-                shapes.update({
-                    p + "norm.weight": (c,), p + "norm.bias": (c,),
-                    p + "op.x_proj_weight": (4, rank + 2 * d_state, d), p + "op.dt_projs_weight": (4, d, rank),
-                    p + "op.dt_projs_bias": (4, d), p + "op.A_logs": (4 * d, d_state), p + "op.Ds": (4 * d,),
-                    p + "op.out_norm.weight": (d,), p + "op.out_norm.bias": (d,), p + "op.in_proj.weight": (2 * d, c),
-                    p + "op.conv2d.weight": (d, 1, 3, 3), p + "op.conv2d.bias": (d,), p + "op.out_proj.weight": (c, d),
-                    p + "conv_branch.0.weight": (c, 1, 3, 3), p + "conv_branch.0.bias": (c,),
-                    p + "conv_branch.3.weight": (c, c, 1, 1), p + "conv_branch.3.bias": (c,),
-                    p + "se.norm.weight": (c,), p + "se.norm.bias": (c,),
-                    p + "se.global_reduce.weight": (c // 8, c), p + "se.global_reduce.bias": (c // 8,),
-                    p + "se.channel_select.weight": (c, c // 8), p + "se.channel_select.bias": (c,),
-                    **bn(p + "conv_branch.1.", c),
-                })
-            down = f"layers.{i}.downsample."
-        else:
-            mid = 4 * c
-            for j in range(1, depth + 1):
-                p = f"layers.{i}.{j}."
-                shapes.update({
-                    p + "conv_pw.0.weight": (mid, c, 1, 1), **bn(p + "conv_pw.1.", mid),
-                    p + "conv_dw.0.weight": (mid, 1, 3, 3), **bn(p + "conv_dw.1.", mid),
-                    p + "se.conv_reduce.weight": (mid // 8, mid, 1, 1), p + "se.conv_reduce.bias": (mid // 8,),
-                    p + "se.conv_expand.weight": (mid, mid // 8, 1, 1), p + "se.conv_expand.bias": (mid,),
-                    p + "conv_pw2.0.weight": (c, mid, 1, 1), **bn(p + "conv_pw2.1.", c),
-                })
-            down = f"layers.{i}.{depth + 2}."
-        if i + 1 < len(dims):
-            shapes.update({down + "reduction.weight": (dims[i + 1], 4 * c), down + "norm.weight": (4 * c,),
-                           down + "norm.bias": (4 * c,)})
-    shapes.update({"classifier.norm.weight": (dims[-1],), "classifier.norm.bias": (dims[-1],),
-                   "classifier.head.weight": (num_classes, dims[-1]), "classifier.head.bias": (num_classes,)})
-    return {k: (torch.randn(s, generator=g) if s else torch.tensor(7)) for k, s in shapes.items()}
-
-
 def test_released_layout_loads_strictly():
     depths, dims = (1, 2, 2, 1), (16, 32, 64, 128)
-    official = _official_state_dict(depths, dims, d_state=2, num_classes=10)
+    official = efficientvmamba_official(depths, dims, d_state=2, num_classes=10)
     model = timm.create_model("test_efficientvmamba", depths=depths, dims=dims, num_classes=10)
     # The released checkpoints come from a DDP-wrapped trainer.
     converted = checkpoint_filter_fn({"state_dict": {"module.module." + k: v for k, v in official.items()}}, model)

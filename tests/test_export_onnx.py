@@ -10,6 +10,7 @@ import torch
 
 import backbones
 from backbones import ssm
+from tests.helpers import parameters_reached
 
 TEST_VARIANTS = [name for name in backbones.list_backbones() if name.startswith("test_")]
 
@@ -37,7 +38,9 @@ def test_compiled_training_step_matches_eager():
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}  # every parameter, even at 1x1
     model.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
-    assert sum(p.grad.abs().sum() > 0 for p in model.parameters()) > 10
+    # Every parameter outside the scan gets a real gradient; the scan's dt/A ones get 1e-8..1e-10 of the largest
+    # at init (step sizes ~1e-3), and a 1x1 last stage's A none at all, so they are compared below only.
+    assert parameters_reached(p for n, p in model.named_parameters() if ".ssm." not in n) == 1.0
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -1,5 +1,5 @@
-"""GroupMamba: official parameter counts, features, the distillation contract, the one-route scans of
-the four channel groups, and conversion of the released key layout."""
+"""GroupMamba: the distillation contract, the one-route scans of the four channel groups, and conversion of
+the released key layout. Counts, features and weight-decay names: test_timm_contract."""
 
 from __future__ import annotations
 
@@ -12,27 +12,8 @@ import torch
 import backbones  # noqa: F401  (registers the models)
 from backbones.groupmamba import GroupMamba, ModulatedGroupMamba, checkpoint_filter_fn, rename_official_key
 from backbones.scan_patterns import CrossScan, RouteConcat
-
-# Official counts in millions, with the distillation head, measured by building the official models
-# (Amshaker/GroupMamba classification/models/groupmamba.py: 23,361,917 / 34,781,555 / 57,150,838;
-# README: 23 M / 34 M / 57 M).
-OFFICIAL_PARAMS = {"groupmamba_tiny": 23.361917, "groupmamba_small": 34.781555, "groupmamba_base": 57.150838}
-
-
-@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
-def test_parameter_count_matches_official(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(count - OFFICIAL_PARAMS[name]) / OFFICIAL_PARAMS[name] < 0.005, count
-
-
-def test_features_are_four_nchw_stages():
-    model = timm.create_model("test_groupmamba", features_only=True).eval()
-    features = model(torch.randn(1, 3, 32, 32))
-    assert [f.shape for f in features] == [(1, 16, 8, 8), (1, 16, 4, 4), (1, 32, 2, 2), (1, 32, 1, 1)]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    assert model.feature_info.channels() == [16, 16, 32, 32]
+from backbones.ss2d import RouteSSM
+from tests.official import groupmamba_official_key
 
 
 def test_distillation_contract_and_backward():
@@ -108,39 +89,11 @@ def test_each_group_scans_causally_along_its_own_direction(group):
             assert bool(touched[i, j]) == (position[i * width + j] <= target_t), (i, j)
 
 
-def _to_official(key: str) -> str:
-    """Our key -> the official one, written out from the official module tree (inverse of the rules)."""
-    stem = {"conv1": "conv.0", "bn1": "conv.1", "conv2": "conv.3", "bn2": "conv.4", "conv3": "conv.6", "bn3": "conv.7"}
-    parts = key.split(".")
-    if parts[0] == "stem":
-        return "patch_embed1." + ".".join([stem.get(parts[1], parts[1]), *parts[2:]])
-    if parts[0] == "stages":
-        stage = int(parts[1]) + 1
-        if parts[2] == "downsample":
-            return f"patch_embed{stage}." + ".".join([{"conv": "proj"}.get(parts[3], parts[3]), *parts[4:]])
-        if parts[2] == "norm":
-            return f"norm{stage}." + ".".join(parts[3:])
-        prefix, rest = f"block{stage}.{parts[3]}.", parts[4:]
-    elif parts[0] == "cls_block":
-        prefix, rest = "post_network.0.", parts[1:]
-    else:
-        return {"norm": "norm4", "head_dist": "dist_head"}.get(parts[0], parts[0]) + "." + ".".join(parts[1:])
-    if rest[0] == "mixer":
-        rest[0] = "attn"
-        if rest[1] == "groups":
-            rest = ["attn", f"mamba_g{int(rest[2]) + 1}", *[p for p in rest[3:] if p != "ssm"]]
-        elif rest[1] == "affinity":
-            rest = ["attn", *rest[2:]]
-    if rest[:2] == ["mlp", "dwconv"]:
-        rest = ["mlp", "dwconv", "dwconv", *rest[2:]]
-    return prefix + ".".join(rest)
-
-
 def test_official_checkpoint_layout_loads_strictly():
     torch.manual_seed(0)
     model = timm.create_model("test_groupmamba", num_classes=4)
     ours = model.state_dict()
-    official = {"module." + _to_official(k): torch.randn_like(v) if v.is_floating_point() else v
+    official = {"module." + groupmamba_official_key(k): torch.randn_like(v) if v.is_floating_point() else v
                 for k, v in ours.items()}
     # Names as the official model has them (Amshaker/GroupMamba, measured state dict).
     for name in ("patch_embed1.conv.0.weight", "patch_embed1.conv.7.running_var", "patch_embed1.norm.weight",
@@ -160,11 +113,13 @@ def test_official_checkpoint_layout_loads_strictly():
     undistilled.load_state_dict(checkpoint_filter_fn({"model": official}, undistilled), strict=True)
 
 
-def test_no_weight_decay_names_the_ssm_parameters():
+def test_every_layer_has_four_one_route_ssms():
+    """Four groups in every block's layer and in the class block's (the contract test checks that exactly
+    these SSMs' A_logs and Ds are kept out of weight decay)."""
     model = timm.create_model("test_groupmamba")
-    names = model.no_weight_decay()
-    assert names and all(n.endswith((".A_logs", ".Ds")) for n in names)
-    assert len(names) == 2 * 4 * (sum(len(s.blocks) for s in model.stages) + 1)
+    ssms = [m for m in model.modules() if isinstance(m, RouteSSM)]
+    assert len(ssms) == 4 * (sum(len(s.blocks) for s in model.stages) + 1)
+    assert all(ssm.num_routes == 1 for ssm in ssms)
 
 
 def test_bad_widths_are_rejected():

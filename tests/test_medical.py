@@ -317,7 +317,8 @@ def test_encoder_stays_fixed_during_the_frozen_epochs(synapse_dir, tmp_path):
 
     module = SynapseDataModule(str(synapse_dir), batch_size=2, num_workers=0, img_size=32)
     encoder, head = build("test_vmamba", MSVMUNetDecoder, 9)
-    task = MedicalSegmentationTask(encoder, head, partial(torch.optim.AdamW, lr=1e-2), 9, freeze_encoder_epochs=1)
+    task = MedicalSegmentationTask(encoder, head, partial(torch.optim.AdamW, lr=1e-2), 9, freeze_encoder_epochs=1,
+                                   img_size=module.img_size, mean=module.mean, std=module.std, in_chans=module.in_chans)
 
     def state(model: nn.Module) -> dict:
         return {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import backbones
+from backbones.layers import VSSBlock
 from backbones.mhs import MHS_ROUTES, MultiHeadScan, MultiHeadScanMixer, ScanHead, ScanRouteAttention
 from backbones.scan_patterns import RouteTable
-from backbones.vmamba import VSSBlock
 from heads.vmunet import VMUNetDecoder
 from tests.conftest import compose_config, run_cli
 from tests.medical_fixtures import make_isic

@@ -1,5 +1,5 @@
-"""MSVMamba: official parameter counts, features, the multi-scale scan against an explicit reference,
-and conversion of official (v1 master / v3 v2-branch) key layouts."""
+"""MSVMamba: the multi-scale scan against an explicit reference, odd sizes on both generations, and
+conversion of official (v1 master / v3 v2-branch) key layouts. Counts and features: test_timm_contract."""
 
 from __future__ import annotations
 
@@ -12,34 +12,8 @@ import backbones  # noqa: F401  (registers the models)
 from backbones.msvmamba import MultiScaleSS2D, checkpoint_filter_fn, rename_official_key
 from backbones.scan_patterns import AtrousScan, CrossScan, RouteConcat
 from backbones.ss2d import RouteSSM
+from tests.official import msvmamba_official
 from tests.oracle import oracle_selective_scan
-
-# Official counts in millions: v1 from the master-branch yaml comments (6.86 / 11.88) and builds of
-# the official code (33.05; yaml comment 33.08); v3 from builds of the official v2-branch code.
-OFFICIAL_PARAMS = {
-    "msvmamba_nano": 6.86,
-    "msvmamba_micro": 11.88,
-    "msvmamba_tiny": 33.05,
-    "msvmamba_v3_tiny": 32.26,
-    "msvmamba_v3_small": 50.22,
-    "msvmamba_v3_base": 90.59,
-}
-
-
-@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
-def test_parameter_count_matches_official(name):
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert abs(count - OFFICIAL_PARAMS[name]) / OFFICIAL_PARAMS[name] < 0.005, count
-
-
-def test_features_are_four_nchw_stages():
-    model = timm.create_model("test_msvmamba", features_only=True)
-    features = model(torch.randn(2, 3, 64, 64))
-    assert [f.shape for f in features] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
-    assert model.feature_info.reduction() == [4, 8, 16, 32]
-    assert model.feature_info.channels() == [8, 16, 32, 64]
 
 
 @pytest.mark.parametrize("name", ["test_msvmamba", "msvmamba_nano"])
@@ -197,50 +171,6 @@ def test_official_keys_map_to_parameters_of_the_same_shape(name):
         assert ours[rename_official_key(key, generation)].shape == shape, key
 
 
-def _official_state_dict(depths, dims, ssm_ratio, d_state, generation, gated, ffn_ratio, num_classes=1000):
-    """An official-layout state dict, written from the official module structure (names and shapes)."""
-    g = torch.Generator().manual_seed(0)
-    shapes = {}
-    c0 = dims[0]
-    if generation == "v1":
-        shapes.update({"patch_embed.0.weight": (c0, 3, 4, 4), "patch_embed.0.bias": (c0,),
-                       "patch_embed.2.weight": (c0,), "patch_embed.2.bias": (c0,)})
-    else:
-        shapes.update({"patch_embed.0.weight": (c0 // 2, 3, 3, 3), "patch_embed.0.bias": (c0 // 2,),
-                       "patch_embed.2.weight": (c0 // 2,), "patch_embed.2.bias": (c0 // 2,),
-                       "patch_embed.5.weight": (c0, c0 // 2, 3, 3), "patch_embed.5.bias": (c0,),
-                       "patch_embed.7.weight": (c0,), "patch_embed.7.bias": (c0,)})
-    for i, (depth, c) in enumerate(zip(depths, dims)):
-        d, rank, hidden = int(ssm_ratio * c), -(-c // 16), int(ffn_ratio * c)
-        for j in range(depth):
-            p = f"layers.{i}.blocks.{j}."
-            shapes.update({
-                p + "norm.weight": (c,), p + "norm.bias": (c,),
-                p + "op.x_proj_weight": (2, rank + 2 * d_state, d), p + "op.dt_projs_weight": (2, d, rank),
-                p + "op.dt_projs_bias": (2, d), p + "op.A_logs": (2 * d, d_state), p + "op.Ds": (2 * d,),
-                p + "op.out_norm.weight": (d,), p + "op.out_norm.bias": (d,),
-                p + "op.se.fc.0.weight": (d // 8, d), p + "op.se.fc.2.weight": (d, d // 8),
-                p + "op.in_proj.weight": (2 * d if gated else d, c),
-                p + "op.conv2d.weight": (d, 1, 3, 3), p + "op.conv2d.bias": (d,),
-                p + "op.conv2d_b1.weight": (d, 1, 7, 7), p + "op.conv2d_b1.bias": (d,),
-                p + "op.out_proj.weight": (c, d), p + "norm2.weight": (c,), p + "norm2.bias": (c,),
-                p + "convFFN.linear1.weight": (hidden, c, 1, 1), p + "convFFN.linear1.bias": (hidden,),
-                p + "convFFN.dwc.weight": (hidden, 1, 3, 3), p + "convFFN.dwc.bias": (hidden,),
-                p + "convFFN.linear2.weight": (c, hidden, 1, 1), p + "convFFN.linear2.bias": (c,),
-            })
-        if i + 1 < len(dims):
-            p, out = f"layers.{i}.downsample.", dims[i + 1]
-            if generation == "v1":
-                shapes.update({p + "reduction.weight": (out, 4 * c), p + "norm.weight": (4 * c,),
-                               p + "norm.bias": (4 * c,)})
-            else:
-                shapes.update({p + "1.weight": (out, c, 3, 3), p + "1.bias": (out,), p + "3.weight": (out,),
-                               p + "3.bias": (out,)})
-    shapes.update({"classifier.norm.weight": (dims[-1],), "classifier.norm.bias": (dims[-1],),
-                   "classifier.head.weight": (num_classes, dims[-1]), "classifier.head.bias": (num_classes,)})
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-
-
 @pytest.mark.parametrize("name,generation,gated,ffn_ratio,ssm_ratio", [
     ("msvmamba_nano", "v1", True, 2.0, 2.0),
     ("test_msvmamba", "v3", False, 4.0, 1.0),
@@ -248,7 +178,7 @@ def _official_state_dict(depths, dims, ssm_ratio, d_state, generation, gated, ff
 ])
 def test_official_layout_loads_strictly(name, generation, gated, ffn_ratio, ssm_ratio):
     depths, dims = (1, 2, 1, 1), (16, 32, 48, 64)
-    official = _official_state_dict(depths, dims, ssm_ratio, 1, generation, gated, ffn_ratio, num_classes=10)
+    official = msvmamba_official(depths, dims, ssm_ratio, 1, generation, gated, ffn_ratio, num_classes=10)
     model = timm.create_model(name, depths=depths, dims=dims, num_classes=10)
     converted = checkpoint_filter_fn({"model": {"module." + k: v for k, v in official.items()}}, model)
     model.load_state_dict(converted, strict=True)

@@ -9,8 +9,9 @@ import pytest
 import timm
 import torch
 
+import backbones
 from backbones import ssm
-from tools import benchmark, doctor
+from tools import benchmark, doctor, gpu_check
 
 
 def test_doctor_reports_every_backend_and_why_not(capsys):
@@ -35,7 +36,6 @@ def test_scan_flops_follow_the_9bldn_rule():
         length = (8 // 2 ** stage) ** 2
         expected += ssm.selective_scan_flops(1, length, 4 * dim, 1, with_D=True)
     assert benchmark.scan_flops_of(model, torch.randn(1, 3, 32, 32)) == expected
-    assert ssm.selective_scan is benchmark.ssm.selective_scan  # the wrapper was removed again
 
 
 def test_stub_scan_removes_the_scan_but_keeps_shapes():
@@ -43,7 +43,7 @@ def test_stub_scan_removes_the_scan_but_keeps_shapes():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         real = model(x)
-        with benchmark.wrap_scan(benchmark.stub_scan):
+        with ssm.use_backend(benchmark.stub_scan):
             stubbed = model(x)
         again = model(x)
     assert stubbed.shape == real.shape and not torch.allclose(stubbed, real)
@@ -97,3 +97,33 @@ def test_bad_arguments_are_rejected_with_the_choices():
         benchmark.parse_args(["--scan", "--formulations", "chunked,nope"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--scan-shapes", "1x2x3"])
+
+
+def test_profile_times_the_scan_inside_the_model(tmp_path, capsys):
+    benchmark.main(["--profile", "test_vmamba", "--batch", "1", "--image-size", "32", "--modes", "forward",
+                    "--repeats", "1", "--top-ops", "3", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "profile.json").read_text())
+    forward = result["forward"]
+    assert 0 < forward["scan_share_timed_inside"] < 1 and forward["img_s_without_scan"] > 0
+    assert "Name" in result["top_ops"]
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu_check.main(["--skip-throughput"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_arguments(tmp_path):
+    args = gpu_check.parse_args(["--families", "vmamba, vim", "--batch", "64"])
+    assert args.families == ["vmamba", "vim"] and args.batch == 64 and args.warmup == 50 and args.iters == 30
+    assert gpu_check.parse_args([]).families == gpu_check.family_names()
+    for bad in (["--families", "vmamba,mamba2"], ["--out", str(tmp_path)]):  # unknown family; an existing --out
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+    # every family has a real variant, and it is a registered classifier
+    assert sorted(gpu_check.REAL_VARIANTS) == gpu_check.family_names()
+    assert set(gpu_check.REAL_VARIANTS.values()) <= set(backbones.list_backbones())
+    assert {gpu_check.family_test_model(family) for family in gpu_check.family_names()} == {
+        name for name in backbones.list_backbones() if name.startswith("test_")}

@@ -1,13 +1,19 @@
-"""timm's model contract, as timm's own tests/test_models.py applies it, for every registered backbone.
+"""timm's model contract, as timm's own tests/test_models.py applies it, for every registered backbone, and
+what every family promises besides: the official parameter counts (one table) and the feature levels.
 
-Cheap checks (pretrained cfg, first conv and classifier names, feature info, pool size) run on every name,
-built on the meta device; forward/backward checks run on the small variants (``test_*`` of every family
-and ``vmamba_femto``). A family added to ``backbones`` is picked up here automatically.
+Cheap checks (pretrained cfg, first conv and classifier names, feature info, pool size, parameter counts) run
+on every name, built on the meta device; forward/backward checks run on the small variants (``test_*`` of
+every family and ``vmamba_femto``). A family added to ``backbones`` is picked up here automatically, and
+these tests fail until its official counts and its test variant's feature widths are in the tables below.
+``make test-timm`` runs timm's file itself on every model; this one keeps what timm's does not check.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import sys
 
 import pytest
 import timm
@@ -17,10 +23,72 @@ from timm.models import FeatureInfo, save_for_hf
 from torch import nn
 
 import backbones
+from backbones.ss2d import RouteSSM
 
 ALL = backbones.list_backbones()
 SMALL = [name for name in ALL if name.startswith("test_") or name == "vmamba_femto"]
 FAMILIES = {backbones.family_of(name).__name__ for name in ALL}
+UNOFFICIAL = {"vmamba_femto"}  # registered for CPU demos, not an official release
+
+# Official parameter counts in millions: (variant, model arguments, count). Within 0.5 %: the published
+# counts are rounded to three or four significant figures.
+OFFICIAL_PARAMS = [
+    # VMamba: MzeroMiko/VMamba README and builds of the official code.
+    ("vanilla_vmamba_tiny", {}, 22.89),
+    ("vmamba_tiny_s2l5", {}, 30.71),
+    ("vmamba_small_s2l15", {}, 50.15),
+    ("vmamba_base_s2l15", {}, 88.56),
+    ("vmamba_tiny_s1l8", {}, 30.25),
+    # MSVMamba v1: master-branch yaml comments (6.86 / 11.88) and a build of the official code (33.05; yaml
+    # comment 33.08); v3: builds of the official v2-branch code.
+    ("msvmamba_nano", {}, 6.86),
+    ("msvmamba_micro", {}, 11.88),
+    ("msvmamba_tiny", {}, 33.05),
+    ("msvmamba_v3_tiny", {}, 32.26),
+    ("msvmamba_v3_small", {}, 50.22),
+    ("msvmamba_v3_base", {}, 90.59),
+    # EfficientVMamba: the released models' training logs (GitHub release v1.0.0,
+    # log_efficient_vmamba_{tiny,small,base}.txt: "params: 6.494 M / 11.274 M / 33.717 M").
+    ("efficientvmamba_tiny", {}, 6.494),
+    ("efficientvmamba_small", {}, 11.274),
+    ("efficientvmamba_base", {}, 33.717),
+    # GroupMamba, with the distillation head: builds of Amshaker/GroupMamba classification/models/groupmamba.py
+    # (23,361,917 / 34,781,555 / 57,150,838; README: 23 M / 34 M / 57 M).
+    ("groupmamba_tiny", {}, 23.361917),
+    ("groupmamba_small", {}, 34.781555),
+    ("groupmamba_base", {}, 57.150838),
+    # HRVMamba, built from zhanghao5201/HRVMamba with the DCNv4 build the models were trained with (no
+    # value/output projections): pose backbones from pose_estimation/configs/cocofinal/
+    # td-hm_hrvmamba_{tiny,small,base}_*_coco-256x192.py (README: 2 M / 8 M / 47 M), classifiers from
+    # classification/models/build.py (README: 20 M / 61 M).
+    ("hrvmamba_tiny", dict(features_only=True, multiscale_output=False), 2.151008),
+    ("hrvmamba_small", dict(features_only=True, multiscale_output=False), 8.033840),
+    ("hrvmamba_base", dict(features_only=True, multiscale_output=False), 47.099616),
+    ("hrvmamba_small", {}, 20.101976),
+    ("hrvmamba_base", {}, 60.548520),
+    # Vim: builds of hustvl/Vim's models (README: 7 / 26 / 98 M).
+    ("vim_tiny_patch16_224", {}, 7.148),
+    ("vim_small_patch16_224", {}, 25.797),
+    ("vim_base_patch16_224", {}, 97.598),
+    ("vim_tiny_patch16_stride8_224", {}, 7.250),
+    ("vim_small_patch16_stride8_224", {}, 26.001),
+]
+# Official counts of a whole model rather than its backbone, checked where that model is built.
+COUNTED_WITH_THE_DECODER = {
+    "mhs_vmamba_tiny": "tests/test_mhs.py: MHS-VM's 17.26 M (4 heads) / 17.39 M (3 heads) are of the encoder "
+                       "with its MHS VM-UNet decoder; no encoder-only count is published",
+}
+
+# Channels of the four feature levels (strides 4, 8, 16, 32) of each family's test variant.
+TEST_VARIANT_WIDTHS = {
+    "test_vmamba": [8, 16, 32, 64],
+    "test_msvmamba": [8, 16, 32, 64],
+    "test_efficientvmamba": [8, 16, 32, 64],
+    "test_groupmamba": [16, 16, 32, 32],
+    "test_hrvmamba": [8, 16, 16, 32],
+    "test_vim": [16, 16, 16, 16],
+    "test_mhs_vmamba": [12, 24, 48, 96],  # features_only adds the stride-4/8/16/32 pyramid over the taps
+}
 
 
 def build(name: str, meta: bool = False, **kwargs) -> nn.Module:
@@ -41,6 +109,53 @@ def _as_tensor(out) -> torch.Tensor:
 
 def test_every_family_has_a_small_test_variant():
     assert {backbones.family_of(name).__name__ for name in SMALL if name.startswith("test_")} == FAMILIES
+
+
+def test_family_files_import_parts_never_each_other():
+    families = {name.rsplit(".", 1)[-1] for name in FAMILIES}
+    for family in FAMILIES:
+        tree = ast.parse(inspect.getsource(sys.modules[family]))
+        imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & families, f"{family} imports {imported & families}"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_unknown_global_pool_is_refused_at_build_and_reset(name):
+    with pytest.raises(ValueError, match="global_pool must be .*'avg'.*got 'max'"):
+        build(name, meta=True, global_pool="max")
+    model = build(name, meta=True)
+    with pytest.raises(ValueError, match="global_pool must be"):
+        model.reset_classifier(3, "max")
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ValueError, match="vmamba_tiny_s1l8"):
+        backbones.create_backbone("vmamba_tiny_nope")
+
+
+def test_every_official_variant_has_its_official_parameter_count():
+    official = {name for name in ALL if not name.startswith("test_")} - UNOFFICIAL
+    assert {name for name, _, _ in OFFICIAL_PARAMS} | COUNTED_WITH_THE_DECODER.keys() == official
+
+
+@pytest.mark.parametrize("name,kwargs,millions", OFFICIAL_PARAMS,
+                         ids=[name + "".join(f"-{k}" for k in kwargs) for name, kwargs, _ in OFFICIAL_PARAMS])
+def test_parameter_count_matches_official(name, kwargs, millions):
+    model = build(name, meta=True, **kwargs)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - millions) / millions < 0.005, count
+
+
+@pytest.mark.parametrize("name", [name for name in SMALL if name.startswith("test_")])
+def test_features_only_gives_four_nchw_levels_at_strides_4_to_32(name):
+    model = build(name, features_only=True)
+    with torch.no_grad():
+        features = model(torch.randn(2, 3, 64, 64))
+    widths = TEST_VARIANT_WIDTHS[name]
+    assert [f.shape for f in features] == [(2, c, 64 // r, 64 // r) for c, r in zip(widths, (4, 8, 16, 32))]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == widths
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -197,6 +312,16 @@ def test_save_for_hf_round_trip(name, tmp_path):
     x = _input(model, in_chans=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_no_weight_decay_is_exactly_the_ssm_decay_and_skip_parameters(name):
+    """Every SSM's A_logs and Ds (the official recipes' no-decay set), and only Vim's position embedding and
+    class token besides."""
+    model = build(name, meta=True)
+    ssm_names = {f"{prefix}.{param}" for prefix, module in model.named_modules() if isinstance(module, RouteSSM)
+                 for param in ("A_logs", "Ds")}
+    assert ssm_names and model.no_weight_decay() - {"pos_embed", "cls_token"} == ssm_names
 
 
 @pytest.mark.parametrize("name", SMALL)

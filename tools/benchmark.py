@@ -19,8 +19,8 @@ Three modes (all in one process, interleaved, with the baseline measured in the 
 
 ``python -m tools.benchmark --profile vmamba_tiny_s1l8``
     Where a model's time goes: forward and training step with the real scan vs with the scan
-    replaced by a stub (y = D*u), the time measured inside the scan calls, and the top operators
-    of one forward from torch.profiler.
+    replaced by a stub (y = D*u, through ``ssm.use_backend``), the time measured inside the scan
+    calls (``ssm.observe``), and the top operators of one forward from torch.profiler.
 
 Peak memory on CPU is the peak-RSS increase of one call in a fresh child process (so that other
 models' cached memory does not hide it); on CUDA it is ``max_memory_allocated``. Timings on a
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,45 +124,22 @@ def child_peak_memory(probe: dict) -> Optional[float]:
 # ----------------------------------------------------------------------------- scan hooks
 
 
-@contextlib.contextmanager
-def wrap_scan(wrapper: Callable[[Callable], Callable]) -> Iterator[None]:
-    """Replace ``selective_scan`` wherever the backbone modules imported it, for the duration."""
-    original = ssm.selective_scan
-    wrapped = wrapper(original)
-    patched = [mod for name, mod in list(sys.modules.items())
-               if name.startswith("backbones") and getattr(mod, "selective_scan", None) is original]
-    for mod in patched:
-        mod.selective_scan = wrapped
-    try:
-        yield
-    finally:
-        for mod in patched:
-            mod.selective_scan = original
-
-
 def scan_flops_of(model: torch.nn.Module, images: Tensor) -> int:
     """Sum of 9*B*L*D*N (+D, z terms) over the scans of one forward."""
-    total = 0
-
-    def wrapper(scan: Callable) -> Callable:
-        def counting(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
-            nonlocal total
-            total += ssm.selective_scan_flops(u.shape[0], u.shape[2], u.shape[1], A.shape[1],
-                                              with_D=D is not None, with_z=z is not None)
-            return scan(u, delta, A, B, C, D, z, *args, **kwargs)
-        return counting
-
-    with wrap_scan(wrapper), torch.inference_mode():
+    calls: list[ssm.ScanCall] = []
+    with ssm.observe(calls.append), torch.inference_mode():
         model(images)
-    return total
+    return sum(ssm.selective_scan_flops(c.batch, c.length, c.channels, c.d_state, with_D=c.with_D, with_z=c.with_z)
+               for c in calls)
 
 
-def stub_scan(scan: Callable) -> Callable:
-    """The scan replaced by its skip term y = D*u (gated by z): what the model costs without a scan."""
-    def stub(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
-        y = u * D.to(u.dtype)[:, None] if D is not None else u.clone()
-        return y * F.silu(z) if z is not None else y
-    return stub
+def stub_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+              z: Optional[Tensor] = None, *args) -> Tensor:
+    """The scan replaced by its skip term y = D*u (gated by z): what the model costs without a scan.
+
+    Run a model with it through ``ssm.use_backend(stub_scan)``."""
+    y = u * D.to(u.dtype)[:, None] if D is not None else u.clone()
+    return y * F.silu(z) if z is not None else y
 
 
 # ----------------------------------------------------------------------------- models
@@ -303,11 +281,18 @@ def _timemajor_unbind(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return y + D[:, None] * u
 
 
+def _per_channel(BC: Tensor, channels: int) -> Tensor:
+    """(b, n, l) or (b, g, n, l) B/C -> (b, channels, n, l): channel d reads group d // (channels / g)."""
+    if BC.dim() == 3:
+        return BC.unsqueeze(1).expand(-1, channels, -1, -1)
+    return BC.repeat_interleave(channels // BC.shape[1], dim=1)
+
+
 def _mamba_style_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The algorithm of mamba-ssm's ``selective_scan_ref``: (b, d, l, n) history indexed step by step."""
     dt = F.softplus(delta + delta_bias[:, None]) if delta_softplus else delta + delta_bias[:, None]
-    Bx = ssm._expand_groups(B, u.shape[1]).transpose(2, 3)
-    Cx = ssm._expand_groups(C, u.shape[1]).transpose(2, 3)
+    Bx = _per_channel(B, u.shape[1]).transpose(2, 3)
+    Cx = _per_channel(C, u.shape[1]).transpose(2, 3)
     decay = torch.exp(dt.unsqueeze(-1) * A[None, :, None, :])
     drive = (dt * u).unsqueeze(-1) * Bx
     state, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
@@ -320,7 +305,7 @@ def _mamba_style_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 def scan_formulation(name: str) -> Callable:
     return {"chunked": ssm.scan_chunked, "oddeven": ssm.scan_oddeven, "unbind": _timemajor_unbind,
             "sequential": ssm.scan_sequential, "mamba_ref": _mamba_style_reference,
-            "mamba_ssm": ssm._scan_mamba_ssm}[name]
+            "mamba_ssm": functools.partial(ssm.selective_scan, backend="mamba_ssm")}[name]
 
 
 def scan_call(name: str, inputs: dict, mode: str) -> Callable[[], None]:
@@ -384,31 +369,19 @@ def run_profile(args: argparse.Namespace, device: torch.device) -> dict:
     model = build_model(name, device)
     images = torch.randn(args.batch, *input_size(model, args.image_size), device=device)
     steps = make_steps(model, images, None)
-    inside = []
-
-    def timing(scan: Callable) -> Callable:
-        def timed_scan(*a, **k):
-            synchronize(device)
-            start = time.perf_counter()
-            out = scan(*a, **k)
-            synchronize(device)
-            inside.append(time.perf_counter() - start)
-            return out
-        return timed_scan
-
     results = {"model": name, "batch": args.batch}
     for mode in args.modes:
         real, stubbed, scan_time = [], [], []
         steps[mode]()
         for _ in range(args.repeats):
             real.append(timed(steps[mode], device, args.iters))
-            with wrap_scan(stub_scan):
+            with ssm.use_backend(stub_scan):
                 stubbed.append(timed(steps[mode], device, args.iters))
             if mode == "forward":
-                inside.clear()
-                with wrap_scan(timing):
+                calls: list[ssm.ScanCall] = []
+                with ssm.observe(calls.append, synchronize=True):
                     total = timed(steps[mode], device, 1)
-                scan_time.append(sum(inside) / total)
+                scan_time.append(sum(call.seconds for call in calls) / total)
         med_real, med_stub = statistics.median(real), statistics.median(stubbed)
         results[mode] = dict(seconds=med_real, seconds_without_scan=med_stub, img_s=args.batch / med_real,
                              img_s_without_scan=args.batch / med_stub, scan_share_by_stub=1 - med_stub / med_real)

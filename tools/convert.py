@@ -235,7 +235,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema / state_dict_ema)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
+    parser.add_argument("--pose", action="store_true", help="an mmpose top-down pose checkpoint: convert its heatmap "
+                        "head too and write a run.py checkpoint to --out (tools.convert_pose)")
     args = parser.parse_args(argv)
+    if args.pose:
+        from tools.convert_pose import convert_pose_main
+
+        return convert_pose_main(args.checkpoint, args.variant, args.out, args.ema, args.model_arg)
     try:
         model_args = parse_model_args(args.model_arg)
         model, conversion = convert_state_dict(load_official(args.checkpoint), args.variant, args.ema, **model_args)

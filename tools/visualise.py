@@ -4,10 +4,16 @@
     python -m tools.visualise erf vmamba_tiny_s1l8 --weights <model.safetensors> --images <folder>
     python -m tools.visualise curves logs/train/multiruns/<time> --metric val/acc --out curves.png
 
-The effective receptive field (ERF) follows the analysis VMamba reports (after RepLKNet): the gradient
-of the centre pixel of the last feature map, summed over channels, with respect to the input; its
-absolute value is summed over input channels, averaged over images, and shown as log10(1 + x)
-normalised to [0, 1]. A wide, smooth ERF means each output sees the whole image.
+The effective receptive field (ERF) follows the published method (RepLKNet, Ding et al., CVPR 2022,
+"Scaling Up Your Kernels to 31x31", Sec. 4.2 and its erf/ scripts; VMamba's analysis reuses it): for each
+image, back-propagate the sum over channels of ReLU(centre point of the last feature map), keep the positive
+part of the input gradient (ReLU) and sum it over input channels; average these maps over the images. The
+figure shows log10(1 + ERF) divided by its maximum, and ``area_ratio`` gives the paper's "high-contribution
+area ratio": the area of the smallest centred square holding a fraction t of the total contribution,
+divided by the image area. A wide, smooth ERF means each output sees the whole image.
+
+The ReLU matters: the plain channel sum of a LayerNorm-ed feature vector is constant (normalised values sum
+to zero times a uniform weight), so its gradient would be rounding noise.
 """
 
 from __future__ import annotations
@@ -23,21 +29,52 @@ import torch
 from torch import nn
 
 import backbones  # noqa: F401  (registers the vision-Mamba models with timm)
+from tasks.callbacks import metric_history
+
+AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+"""Contribution fractions at which RepLKNet reports the high-contribution area ratio."""
 
 
 def effective_receptive_field(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    """Mean |d(centre of the last feature map) / d(input)| over ``images``, as an (H, W) array."""
+    """RepLKNet's ERF of ``model.forward_features`` averaged over ``images``, as an (H, W) float64 array.
+
+    Per image: gradient of sum_c ReLU(features[c, H/2, W/2]) with respect to the input, its positive
+    part summed over input channels. Images whose map is not finite are skipped (as the reference code
+    does); if none is left the error says so.
+    """
     model.eval()
     total = torch.zeros(images.shape[-2:], dtype=torch.float64)
+    used = 0
     for image in images:
         x = image[None].clone().requires_grad_(True)
         features = model.forward_features(x)
-        if features.ndim == 3:
+        if features.ndim != 4:
             raise ValueError("ERF needs NCHW features; sequence models must return maps from forward_features")
         height, width = features.shape[-2:]
-        features[0, :, height // 2, width // 2].sum().backward()
-        total += x.grad[0].abs().sum(0).double()
-    return (total / len(images)).numpy()
+        centre = torch.relu(features[0, :, height // 2, width // 2]).sum()
+        (grad,) = torch.autograd.grad(centre, x)
+        contribution = torch.relu(grad[0]).sum(0).double()
+        if torch.isfinite(contribution).all():
+            total += contribution
+            used += 1
+    if not used:
+        raise FloatingPointError("every ERF map was non-finite (NaN/Inf gradients); check the model's weights")
+    return (total / used).numpy()
+
+
+def area_ratio(erf: np.ndarray, threshold: float) -> float:
+    """RepLKNet's high-contribution area ratio: area of the smallest square centred on the image centre
+    whose ERF sum reaches ``threshold`` of the total, divided by the image area."""
+    height, width = erf.shape
+    total = erf.sum()
+    if total <= 0:
+        return 0.0
+    cy, cx = height // 2, width // 2
+    for radius in range(max(height, width)):
+        window = erf[max(0, cy - radius):cy + radius + 1, max(0, cx - radius):cx + radius + 1]
+        if window.sum() >= threshold * total:
+            return window.size / erf.size
+    return 1.0
 
 
 def normalise_erf(erf: np.ndarray) -> np.ndarray:
@@ -50,14 +87,15 @@ def load_images(folder: Optional[Path], count: int, size: int, in_chans: int, se
     """Up to ``count`` images from ``folder`` (any PIL-readable files, resized), else Gaussian noise."""
     if folder is None:
         return torch.randn(count, in_chans, size, size, generator=torch.Generator().manual_seed(seed))
-    from PIL import Image
     from timm.data import create_transform
+
+    from datamodules.readers import open_image
 
     transform = create_transform(size, is_training=False, crop_pct=1.0)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:count]
     if not paths:
         raise FileNotFoundError(f"no images (*.jpg, *.jpeg, *.png, *.bmp) under {folder}")
-    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    return torch.stack([transform(open_image(p, "RGB")) for p in paths])
 
 
 def build_model(name: str, weights: Optional[Path]) -> nn.Module:
@@ -108,7 +146,7 @@ def multirun_curves(sweep_dir: Path, metric: str) -> dict[str, pd.DataFrame]:
             import yaml
 
             label = " ".join(yaml.safe_load(overrides.read_text()) or []) or job.name
-        curves[label] = frame[["step", metric]].dropna()
+        curves[label] = metric_history(frame, metric)
     if not curves:
         raise FileNotFoundError(f"no job under {sweep_dir} has {metric!r} in its metrics.csv")
     return curves
@@ -155,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         weights = args.weights or [None] * len(args.models)
         images = load_images(args.images, args.count, args.size, in_chans=3)
         erfs = {name: effective_receptive_field(build_model(name, w), images) for name, w in zip(args.models, weights)}
+        for name, erf in erfs.items():
+            ratios = "  ".join(f"t={t:g}: {area_ratio(erf, t):.3f}" for t in AREA_THRESHOLDS)
+            print(f"{name}: high-contribution area ratio  {ratios}")
         print(f"wrote {plot_erfs(erfs, args.out)}")
     else:
         print(f"wrote {plot_curves(multirun_curves(args.sweep_dir, args.metric), args.metric, args.out)}")
