@@ -12,14 +12,14 @@ from types import ModuleType
 import timm
 from torch import nn
 
-from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
+from . import efficientvmamba, groupmamba, hrvmamba, mhs, msvmamba, vim, vmamba
 from ._fx import FX_LEAF_FUNCTIONS, FX_LEAF_MODULES
 from .ssm import selective_scan
 
 __all__ = ["FX_LEAF_FUNCTIONS", "FX_LEAF_MODULES", "block_classes", "create_backbone", "family_of", "list_backbones",
            "selective_scan"]
 
-_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim)
+_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim, mhs)
 
 
 def list_backbones() -> list[str]:

@@ -19,7 +19,7 @@ module around them stay the same.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,3 +186,69 @@ class RouteConcat(ScanPattern):
 
     def extra_repr(self) -> str:
         return f"routes={self.routes}"
+
+
+class RouteTable(ScanPattern):
+    """Routes given as tables of source pixels, each route scanned forwards and then reversed.
+
+    ``routes(height, width)`` returns an ``(R, height * width)`` integer tensor whose row r lists the row-major
+    pixel read at each step of route r; every row must visit each pixel exactly once. The pattern scans
+    K = 2R sequences in MHS-VM's order: route 0, route 0 reversed, route 1, route 1 reversed, ... Any route
+    shape (snake, zigzag, spiral) is then one gather to scan and one gather by the inverse table to bring a
+    route's outputs back to row-major order (``unscan``); ``merge`` is its adjoint, the sum of the unscanned
+    routes. The tables are built once per map size and device and kept (not saved with the weights).
+
+    Args:
+        routes: ``(height, width) -> (R, height * width)`` source pixels of the R base routes.
+    """
+
+    def __init__(self, routes: Callable[[int, int], Tensor]) -> None:
+        super().__init__()
+        self.routes = routes
+        self.num_routes = 2 * len(routes(1, 1))
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _tables_for(self, spatial: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(K, L) source pixel of every route position, and (K, L) route position of every pixel.
+
+        While compiling or exporting, tables not yet built in eager mode are built inside the graph (as
+        constants to fold), without the permutation check, which is data-dependent, and without caching.
+        """
+        key = (tuple(spatial), device)
+        tables = self._tables.get(key)
+        if tables is None:
+            compiling = torch.compiler.is_compiling()
+            height, width = spatial
+            routes = torch.as_tensor(self.routes(height, width), dtype=torch.long, device="cpu")
+            pixels = torch.arange(height * width).expand(len(routes), -1)
+            if not compiling and (routes.shape != pixels.shape or not torch.equal(routes.sort(dim=1).values, pixels)):
+                raise ValueError(f"{getattr(self.routes, '__name__', self.routes)} must give routes that visit each "
+                                 f"of the {height}x{width} pixels exactly once, got a table of shape "
+                                 f"{tuple(routes.shape)} that does not")
+            sources = torch.stack([step for route in routes for step in (route, route.flip(0))])
+            tables = (sources.to(device), sources.argsort(dim=1).to(device))
+            if not compiling:
+                self._tables[key] = tables
+        return tables
+
+    def sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
+        """The ``(K, height * width)`` table of the row-major pixel read at each position of each route."""
+        return self._tables_for(spatial, device)[0]
+
+    def scan(self, x: Tensor) -> Tensor:
+        batch, channels = x.shape[:2]
+        sources = self.sources(x.shape[2:], x.device)
+        flat = x.flatten(2).index_select(2, sources.flatten())
+        return flat.view(batch, channels, *sources.shape).transpose(1, 2)
+
+    def unscan(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        """(batch, K, channels, length) in route order -> the same outputs with each route in row-major order."""
+        positions = self._tables_for(spatial, y.device)[1]
+        return y.gather(3, positions[None, :, None].expand_as(y))
+
+    def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        batch, _, channels, _ = y.shape
+        return self.unscan(y, spatial).sum(1).reshape(batch, channels, *spatial)
+
+    def extra_repr(self) -> str:
+        return f"routes={getattr(self.routes, '__name__', self.routes)}, num_routes={self.num_routes}"

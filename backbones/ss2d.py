@@ -108,7 +108,12 @@ class RouteSSM(nn.Module):
         return ys.reshape(batch, num_routes, channels, length)
 
     def uses_fused_routes(self, x: Tensor) -> bool:
-        """Whether scans of ``x`` run on the fused CPU kernel, which reads routes in place (``forward_pixels``)."""
+        """Whether scans of ``x`` run on the fused CPU kernel, which reads routes in place (``forward_pixels``).
+
+        False while torch.fx traces ``x``: the traced graph takes the route-copy path, whose ``selective_scan``
+        (an FX leaf) still picks the backend, the kernel included, when the graph runs."""
+        if isinstance(x, torch.fx.Proxy):
+            return False
         return chosen_backend(self.scan_backend, x) == "fused"
 
     def scan_map(self, x: Tensor, pattern: ScanPattern, routes: slice = slice(None), merge: bool = True) -> Tensor:

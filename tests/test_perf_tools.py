@@ -126,3 +126,5 @@ def test_gpu_check_arguments(tmp_path):
     # every family has a real variant, and it is a registered classifier
     assert sorted(gpu_check.REAL_VARIANTS) == gpu_check.family_names()
     assert set(gpu_check.REAL_VARIANTS.values()) <= set(backbones.list_backbones())
+    assert {gpu_check.family_test_model(family) for family in gpu_check.family_names()} == {
+        name for name in backbones.list_backbones() if name.startswith("test_")}

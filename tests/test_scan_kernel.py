@@ -12,6 +12,7 @@ as an error of order 1.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -219,7 +220,11 @@ def test_models_match_the_pure_pytorch_scan(name):
     """Logits, every stage's features and every parameter gradient, fused kernel vs the torch backend, same
     (perturbed, so that no zero-initialised layer hides a branch) weights. The two differ by fp32 rounding
     only (pixel-order projections, another summation order): measured <= 5e-7 on features and <= 5e-6
-    on gradients; a wrong route, weight or gradient term would be O(1)."""
+    on gradients; a wrong route, weight or gradient term would be O(1).
+
+    Gradients are judged against the float64 model: some models amplify fp32 rounding in their gradients
+    (MHS's scan route attention: both fp32 backends are up to ~2e-4 off float64 there), so the fused
+    kernel may be off by the pure-PyTorch scan's own fp32 error (x3) on top of the 5e-5 floor."""
     torch.manual_seed(0)
     reference = timm.create_model(name, scan_backend="torch").eval()
     with torch.no_grad():
@@ -227,6 +232,7 @@ def test_models_match_the_pure_pytorch_scan(name):
             p.add_(0.05 * torch.randn_like(p))
     fused = timm.create_model(name, scan_backend="fused").eval()
     fused.load_state_dict(reference.state_dict())
+    oracle = copy.deepcopy(reference).double()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits = [m(x) for m in (reference, fused)]
@@ -234,13 +240,15 @@ def test_models_match_the_pure_pytorch_scan(name):
     stages = [m.forward_intermediates(x, intermediates_only=True) for m in (reference, fused)]
     for expected, got in zip(*stages):
         assert relative_error(got, expected.double()) <= 5e-6
+    stages.append(oracle.forward_intermediates(x.double(), intermediates_only=True))
     g = torch.Generator().manual_seed(1)
-    cotangents = [torch.randn(t.shape, generator=g) for t in stages[0]]
+    cotangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in stages[0]]
     for outputs in stages:
-        torch.autograd.backward(outputs, cotangents)
-    for (param_name, p), q in zip(reference.named_parameters(), fused.parameters()):
+        torch.autograd.backward(outputs, [c.to(outputs[0].dtype) for c in cotangents])
+    for (param_name, p), q, exact in zip(reference.named_parameters(), fused.parameters(), oracle.parameters()):
         if p.grad is not None:
-            assert relative_error(q.grad, p.grad.double()) <= 5e-5, param_name
+            fp32_noise = relative_error(p.grad, exact.grad)
+            assert relative_error(q.grad, exact.grad) <= 5e-5 + 3 * fp32_noise, param_name
 
 
 @needs_kernel
