@@ -27,7 +27,9 @@ MMCV_WHEEL := $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.wh
 
 .PHONY: install mm demo test test-slow test-all test-timm lint clean
 
-install: $(STAMP)
+KERNEL := backbones/_kernels/manifest.json
+
+install: $(STAMP) $(KERNEL)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +40,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip show -q mamba-ssm >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 		$(PY) -m pip install -q --no-deps --no-build-isolation $(MAMBA_SSM)
 	touch $(STAMP)
+
+# The fused CPU selective-scan kernel, where a C++ compiler exists (without one the pure-PyTorch scan runs;
+# `python -m tools.doctor` says which). Rebuilt when its source changes.
+$(KERNEL): backbones/csrc/selective_scan.cpp $(STAMP)
+	$(PY) -m backbones.kernel build --skip-without-compiler
 
 # Optional OpenMMLab stack (mmdet/mmseg integration): the prebuilt mmcv wheel where it exists.
 mm: $(STAMP)
@@ -56,24 +63,24 @@ $(FASHION_MNIST):
 		echo "Fashion-MNIST: no apt-get as root here; run.py will look in data/ or use torchvision's downloader"; \
 	fi
 
-demo: $(STAMP) $(FASHION_MNIST)
+demo: install $(FASHION_MNIST)
 	$(PY) run.py
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: install
 	$(PY) -m pytest -m slow
 
-test-all: $(STAMP)
+test-all: install
 	$(PY) -m pytest
 
 # timm's own tests/test_models.py (fetched from the installed timm's sdist) on every registered backbone.
-test-timm: $(STAMP)
+test-timm: install
 	$(PY) -m tools.timm_suite
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache .cache/timm-suite
+	rm -rf $(VENV) logs .pytest_cache .cache/timm-suite backbones/_kernels

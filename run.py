@@ -29,6 +29,7 @@ from tasks.callbacks import CheckpointOnInterrupt
 from tasks.checkpoint_io import resolve_checkpoint, run_identity
 from tasks.config_checks import check_config
 from tasks.run_dir import open_new, process_rank
+from tasks.scaling import effective_batch_report, global_batch
 from tasks.weights import load_task_weights
 
 log = logging.getLogger("mambalab")
@@ -40,15 +41,12 @@ LAST_CHECKPOINT_ENV = "MAMBALAB_LAST_CHECKPOINT"
 
 def linear_scaled_lr(base_lr: float, batch_size: int, devices, num_nodes: int = 1, accumulate: int = 1,
                      reference_batch: int = 512) -> float:
-    """The linear scaling rule of the official recipes: ``base_lr * total_batch / 512``.
+    """The linear scaling rule of the official recipes: ``base_lr * global batch / 512``, where the global batch
+    is ``batch_size x devices x num_nodes x accumulate`` (``tasks.scaling.global_batch``).
 
     ``devices`` may be "auto" (all visible GPUs, or 1 without CUDA) as in the trainer config.
     """
-    if not isinstance(devices, int):
-        import torch
-
-        devices = max(1, torch.cuda.device_count()) if str(devices) in ("auto", "-1") else len(str(devices).split(","))
-    return base_lr * batch_size * devices * num_nodes * accumulate / reference_batch
+    return base_lr * global_batch(batch_size, devices, num_nodes, accumulate) / reference_batch
 
 
 OmegaConf.register_new_resolver("linear_lr", linear_scaled_lr, replace=True)
@@ -208,6 +206,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         return log_test_metrics({k: float(v) for k, v in trainer.callback_metrics.items()})
 
+    log.info(effective_batch_report(cfg, datamodule.batch_size, trainer.num_devices, trainer.num_nodes,
+                                    trainer.accumulate_grad_batches))
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:

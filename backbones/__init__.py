@@ -14,7 +14,7 @@ from types import ModuleType
 import timm
 from torch import nn
 
-from . import efficientvmamba, groupmamba, hrvmamba, msvmamba, vim, vmamba
+from . import efficientvmamba, groupmamba, hrvmamba, mhs, msvmamba, vim, vmamba
 from ._checkpoint import require_local_weights
 from ._fx import FX_LEAF_FUNCTIONS, FX_LEAF_MODULES
 from .ssm import selective_scan
@@ -22,7 +22,7 @@ from .ssm import selective_scan
 __all__ = ["FX_LEAF_FUNCTIONS", "FX_LEAF_MODULES", "block_classes", "create_backbone", "family_of", "list_backbones",
            "require_local_weights", "selective_scan"]
 
-_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim)
+_FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim, mhs)
 
 
 def list_backbones() -> list[str]:

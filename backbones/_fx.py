@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from timm.models import register_notrace_function, register_notrace_module
 
+from .mhs import ScanHead
 from .msvmamba import MultiScaleSS2D
 from .ss2d import SS2D, RouteSSM
 from .ssm import selective_scan
@@ -28,6 +29,7 @@ FX_LEAF_MODULES = {
     SS2D: "its scan pattern may build gather indices from the map size at run time (RouteConcat)",
     MultiScaleSS2D: "both scales' RouteConcat patterns build gather indices from the map size at run time",
     PatchEmbed: "refuses inputs smaller than one patch, a check on the input's size",
+    ScanHead: "its RouteTable builds the route tables for the map size at run time (and checks them once per size)",
 }
 
 for _function in FX_LEAF_FUNCTIONS:

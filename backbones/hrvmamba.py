@@ -95,18 +95,20 @@ class DVSSBlock(nn.Module):
         ssm_ratio: DSS2D inner width as a multiple of dim.
         mlp_ratio: MLP hidden width as a multiple of dim.
         ssm_drop_rate: dropout after the DSS2D output projection.
+        mlp_drop_rate: dropout after the MLP's activation and output (the pose recipes' ``mlp_drop_rate``).
         scan_backend: selective-scan backend.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 1, ssm_ratio: float = 2.0,
-                 mlp_ratio: float = 2.0, ssm_drop_rate: float = 0.0, scan_backend: str = "auto") -> None:
+                 mlp_ratio: float = 2.0, ssm_drop_rate: float = 0.0, mlp_drop_rate: float = 0.0,
+                 scan_backend: str = "auto") -> None:
         super().__init__()
         self.local = MultiScaleDWConv(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.mixer = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, gated=False, dropout=ssm_drop_rate,
                           conv_layer=deformable_conv_layer(dim), scan_backend=scan_backend)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=mlp_drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -250,6 +252,7 @@ class HRVMamba(MambaBackbone):
         ssm_ratio: DSS2D inner width.
         mlp_ratio: DVSS MLP width.
         ssm_drop_rate: dropout after each DSS2D.
+        mlp_drop_rate: dropout in each DVSS MLP.
         multiscale_output: fuse into every branch at the end (features at 4 strides and the classifier
             neck) or only into the stride-4 branch (the pose-estimation backbone; one output, no neck).
         neck_widths: per-branch widths of the classification neck.
@@ -268,7 +271,7 @@ class HRVMamba(MambaBackbone):
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, widths: Sequence[int] = (80, 160, 320, 640),
                  stage1_planes: int = 64, num_modules: Sequence[int] = (1, 4, 2), depth: int = 2,
                  stem_width: int = 64, d_state: int = 1, ssm_ratio: float = 2.0, mlp_ratio: float = 2.0,
-                 ssm_drop_rate: float = 0.0, multiscale_output: bool = True,
+                 ssm_drop_rate: float = 0.0, mlp_drop_rate: float = 0.0, multiscale_output: bool = True,
                  neck_widths: Sequence[int] = (128, 256, 512, 1024), num_features: int = 2048,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
                  scan_backend: str = "auto", dense_features: str = "branches") -> None:
@@ -289,7 +292,7 @@ class HRVMamba(MambaBackbone):
         self.layer1 = nn.Sequential(_bottleneck(stem_width, stage1_planes),
                                     _bottleneck(stage1_planes * 4, stage1_planes))
         block_kwargs = dict(d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio, ssm_drop_rate=ssm_drop_rate,
-                            scan_backend=scan_backend)
+                            mlp_drop_rate=mlp_drop_rate, scan_backend=scan_backend)
         total = depth * sum(num_modules)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         pre, start = [stage1_planes * 4], 0

@@ -108,21 +108,25 @@ class ChannelGate(nn.Module):
 
 
 class VSSBlock(nn.Module):
-    """Pre-norm residual block: x + SS2D(norm(x)), then x + MLP(norm(x)) when mlp_ratio > 0; channels-last.
+    """Pre-norm residual block: x + mixer(norm(x)) (SS2D by default), then x + MLP(norm(x)) when mlp_ratio > 0;
+    channels-last.
 
     Args:
         dim: channels.
         drop_path: stochastic-depth rate of both residual branches.
         mlp_ratio: MLP hidden width as a multiple of dim; 0 removes the MLP (vanilla model).
         norm_layer: channels-last normalisation.
-        **ssm_kwargs: passed to ``SS2D``.
+        mixer_layer: ``(dim, **ssm_kwargs) -> channels-last module``, the token mixer; ``SS2D`` by default
+            (``backbones.mhs.MultiHeadScanMixer`` takes the same arguments).
+        **ssm_kwargs: passed to the mixer.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, **ssm_kwargs) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 mixer_layer: Callable[..., nn.Module] = SS2D, **ssm_kwargs) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.mixer = SS2D(dim, **ssm_kwargs)
+        self.mixer = mixer_layer(dim, **ssm_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
             self.norm2 = norm_layer(dim)

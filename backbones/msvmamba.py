@@ -126,14 +126,14 @@ class MultiScaleSS2D(nn.Module):
             x, z = x.chunk(2, dim=-1)
         x = x.permute(0, 3, 1, 2)
         full, low = self.act(self.conv2d(x)), self.act(self.conv2d_low(x))
-        y_full = self.ssm(self.full_pattern.scan(full), self.full_routes)
-        y_low = self.ssm(self.low_pattern.scan(low), self.low_routes)
+        merge = not self.norm_each_scale  # v1 normalises the route outputs before merging them
+        y_full = self.ssm.scan_map(full, self.full_pattern, self.full_routes, merge)
+        y_low = self.ssm.scan_map(low, self.low_pattern, self.low_routes, merge)
         if self.norm_each_scale:
-            y_full, y_low = self._norm_routes(y_full), self._norm_routes(y_low)
-        y_low = self.low_pattern.merge(y_low, low.shape[2:])
+            y_full = self.full_pattern.merge(self._norm_routes(y_full), size)
+            y_low = self.low_pattern.merge(self._norm_routes(y_low), low.shape[2:])
         align = False if self.upsample_mode in ("bilinear", "bicubic") else None
-        y = self.full_pattern.merge(y_full, size) + F.interpolate(y_low, size=size, mode=self.upsample_mode,
-                                                                  align_corners=align)
+        y = y_full + F.interpolate(y_low, size=size, mode=self.upsample_mode, align_corners=align)
         y = y.permute(0, 2, 3, 1)
         if not self.norm_each_scale:
             y = self.out_norm(y)

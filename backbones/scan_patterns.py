@@ -5,6 +5,11 @@ A pattern is a small stateless module with two methods that are each other's adj
 - ``scan(x)``: (batch, channels, *spatial) -> (batch, K, channels, length)
 - ``merge(y, spatial)``: (batch, K, channels, length) -> (batch, channels, *spatial)
 
+Every route position reads one pixel (or padding), and every merge puts each route output back on the
+pixel it read, summed and scaled by ``merge_weight``. ``route_table`` derives that pixel index table
+from ``scan`` itself; the fused CPU kernel reads and writes routes through it instead of materialising
+``scan``'s copies (``RouteSSM.scan_map``).
+
 Everything that differs between families' 2-D selective scans (VMamba's cross scan, Vim's
 bidirectional 1-D scan, EfficientVMamba's atrous scan, GroupMamba's one direction per group,
 MSVMamba's joined half-resolution routes) is a pattern; the selective-scan parameters and the SS2D
@@ -14,7 +19,7 @@ module around them stay the same.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +27,36 @@ from torch import Tensor, nn
 
 
 class ScanPattern(nn.Module):
-    """Base class; subclasses set ``num_routes`` and implement ``scan``/``merge``."""
+    """Base class; subclasses set ``num_routes`` (and ``merge_weight`` if not 1) and implement
+    ``scan``/``merge``."""
 
     num_routes: int
+    merge_weight: float = 1.0
 
     def scan(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
         raise NotImplementedError
+
+    def route_table(self, spatial: Sequence[int]) -> Tensor:
+        """(num_routes, length) int32 on the CPU: the row-major pixel each route position reads, -1 for padding.
+
+        Scanning a map of pixel numbers gives it, so ``scan`` stays the only description of the routes.
+        Cached per spatial size (built afresh, as plain tensor ops, while torch.compile/export trace).
+        """
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._pixel_table(spatial)
+        cache = self.__dict__.setdefault("_route_tables", {})
+        key = tuple(int(size) for size in spatial)
+        if key not in cache:
+            cache[key] = self._pixel_table(spatial)
+        return cache[key]
+
+    def _pixel_table(self, spatial: Sequence[int]) -> Tensor:
+        with torch.inference_mode(False):  # a table built under inference_mode could not be saved for backward
+            numbers = torch.arange(1, math.prod(spatial) + 1).reshape(1, 1, *spatial)
+            return (self.scan(numbers)[0, :, 0] - 1).to(torch.int32).contiguous()
 
     def extra_repr(self) -> str:
         return f"num_routes={self.num_routes}"
@@ -68,6 +94,7 @@ class BidirectionalScan(ScanPattern):
     """
 
     num_routes = 2
+    merge_weight = 0.5
 
     def scan(self, x: Tensor) -> Tensor:
         return torch.stack((x, x.flip(-1)), dim=1)
@@ -145,8 +172,7 @@ class RouteConcat(ScanPattern):
 
     def _sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
         """Pixel index + 1 read by each position of the joined route (0 = padding), shape (length,)."""
-        numbers = torch.arange(1, math.prod(spatial) + 1, device=device).reshape(1, 1, *spatial)
-        return self.pattern.scan(numbers)[0, list(self.routes), 0].flatten()
+        return (self.pattern.route_table(spatial)[list(self.routes)].flatten().long() + 1).to(device)
 
     def scan(self, x: Tensor) -> Tensor:
         flat = F.pad(x.flatten(2), (1, 0))
@@ -160,3 +186,69 @@ class RouteConcat(ScanPattern):
 
     def extra_repr(self) -> str:
         return f"routes={self.routes}"
+
+
+class RouteTable(ScanPattern):
+    """Routes given as tables of source pixels, each route scanned forwards and then reversed.
+
+    ``routes(height, width)`` returns an ``(R, height * width)`` integer tensor whose row r lists the row-major
+    pixel read at each step of route r; every row must visit each pixel exactly once. The pattern scans
+    K = 2R sequences in MHS-VM's order: route 0, route 0 reversed, route 1, route 1 reversed, ... Any route
+    shape (snake, zigzag, spiral) is then one gather to scan and one gather by the inverse table to bring a
+    route's outputs back to row-major order (``unscan``); ``merge`` is its adjoint, the sum of the unscanned
+    routes. The tables are built once per map size and device and kept (not saved with the weights).
+
+    Args:
+        routes: ``(height, width) -> (R, height * width)`` source pixels of the R base routes.
+    """
+
+    def __init__(self, routes: Callable[[int, int], Tensor]) -> None:
+        super().__init__()
+        self.routes = routes
+        self.num_routes = 2 * len(routes(1, 1))
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _tables_for(self, spatial: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(K, L) source pixel of every route position, and (K, L) route position of every pixel.
+
+        While compiling or exporting, tables not yet built in eager mode are built inside the graph (as
+        constants to fold), without the permutation check, which is data-dependent, and without caching.
+        """
+        key = (tuple(spatial), device)
+        tables = self._tables.get(key)
+        if tables is None:
+            compiling = torch.compiler.is_compiling()
+            height, width = spatial
+            routes = torch.as_tensor(self.routes(height, width), dtype=torch.long, device="cpu")
+            pixels = torch.arange(height * width).expand(len(routes), -1)
+            if not compiling and (routes.shape != pixels.shape or not torch.equal(routes.sort(dim=1).values, pixels)):
+                raise ValueError(f"{getattr(self.routes, '__name__', self.routes)} must give routes that visit each "
+                                 f"of the {height}x{width} pixels exactly once, got a table of shape "
+                                 f"{tuple(routes.shape)} that does not")
+            sources = torch.stack([step for route in routes for step in (route, route.flip(0))])
+            tables = (sources.to(device), sources.argsort(dim=1).to(device))
+            if not compiling:
+                self._tables[key] = tables
+        return tables
+
+    def sources(self, spatial: Sequence[int], device: torch.device) -> Tensor:
+        """The ``(K, height * width)`` table of the row-major pixel read at each position of each route."""
+        return self._tables_for(spatial, device)[0]
+
+    def scan(self, x: Tensor) -> Tensor:
+        batch, channels = x.shape[:2]
+        sources = self.sources(x.shape[2:], x.device)
+        flat = x.flatten(2).index_select(2, sources.flatten())
+        return flat.view(batch, channels, *sources.shape).transpose(1, 2)
+
+    def unscan(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        """(batch, K, channels, length) in route order -> the same outputs with each route in row-major order."""
+        positions = self._tables_for(spatial, y.device)[1]
+        return y.gather(3, positions[None, :, None].expand_as(y))
+
+    def merge(self, y: Tensor, spatial: Sequence[int]) -> Tensor:
+        batch, _, channels, _ = y.shape
+        return self.unscan(y, spatial).sum(1).reshape(batch, channels, *spatial)
+
+    def extra_repr(self) -> str:
+        return f"routes={getattr(self.routes, '__name__', self.routes)}, num_routes={self.num_routes}"

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernel import scan_routes
 from .scan_patterns import CrossScan, ScanPattern
-from .ssm import selective_scan
+from .ssm import ScanCall, chosen_backend, observed, selective_scan
 
 
 def resolve_dt_rank(dt_rank: Union[int, str], d_model: int) -> int:
@@ -71,6 +72,16 @@ class RouteSSM(nn.Module):
         self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
+    def _parameter_sets(self, routes: slice, num_routes: int, channels: int) -> tuple[Tensor, ...]:
+        """x_proj and dt_proj weights, A = -exp(A_log), D and dt bias of the parameter sets ``routes``."""
+        A_logs = self.A_logs.view(self.num_routes, self.d_inner, self.d_state)[routes].flatten(0, 1)
+        if A_logs.shape[0] != num_routes * channels:
+            raise ValueError(f"got {num_routes} routes of {channels} channels for parameter sets {routes} "
+                             f"of a RouteSSM with {self.num_routes} routes of {self.d_inner} channels")
+        Ds = self.Ds.view(self.num_routes, self.d_inner)[routes].flatten()
+        return (self.x_proj_weight[routes], self.dt_projs_weight[routes], -torch.exp(A_logs.float()), Ds,
+                self.dt_projs_bias[routes].flatten())
+
     def forward(self, xs: Tensor, routes: slice = slice(None)) -> Tensor:
         """(batch, K', d_inner, length) -> same shape.
 
@@ -79,26 +90,74 @@ class RouteSSM(nn.Module):
         parameter layout and run as separate calls.
         """
         batch, num_routes, channels, length = xs.shape
-        A_logs = self.A_logs.view(self.num_routes, self.d_inner, self.d_state)[routes].flatten(0, 1)
-        Ds = self.Ds.view(self.num_routes, self.d_inner)[routes].flatten()
-        if A_logs.shape[0] != num_routes * channels:
-            raise ValueError(f"got {num_routes} routes of {channels} channels for parameter sets {routes} "
-                             f"of a RouteSSM with {self.num_routes} routes of {self.d_inner} channels")
-        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight[routes])
+        x_proj, dt_proj, A, Ds, dt_bias = self._parameter_sets(routes, num_routes, channels)
+        projected = torch.einsum("bkdl,kcd->bkcl", xs, x_proj)
         dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight[routes])
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_proj)
         ys = selective_scan(
             xs.reshape(batch, num_routes * channels, length),
             dts.reshape(batch, num_routes * channels, length),
-            -torch.exp(A_logs.float()),
+            A,
             Bs.contiguous(),
             Cs.contiguous(),
             D=Ds,
-            delta_bias=self.dt_projs_bias[routes].flatten(),
+            delta_bias=dt_bias,
             delta_softplus=True,
             backend=self.scan_backend,
         )
         return ys.reshape(batch, num_routes, channels, length)
+
+    def uses_fused_routes(self, x: Tensor) -> bool:
+        """Whether scans of ``x`` run on the fused CPU kernel, which reads routes in place (``forward_pixels``).
+
+        False while torch.fx traces ``x``: the traced graph takes the route-copy path, whose ``selective_scan``
+        (an FX leaf) still picks the backend, the kernel included, when the graph runs."""
+        if isinstance(x, torch.fx.Proxy):
+            return False
+        return chosen_backend(self.scan_backend, x) == "fused"
+
+    def scan_map(self, x: Tensor, pattern: ScanPattern, routes: slice = slice(None), merge: bool = True) -> Tensor:
+        """Scan ``pattern``'s routes of the map x (batch, d_inner, *spatial) and merge them back.
+
+        Returns (batch, d_inner, *spatial), or with ``merge=False`` the route outputs (batch, K', d_inner,
+        length). This is ``pattern.merge(self(pattern.scan(x), routes))``, computed without the route
+        copies when the scan runs on the fused kernel.
+        """
+        if self.uses_fused_routes(x):
+            return self.forward_pixels(x, pattern, routes, merge)
+        ys = self(pattern.scan(x), routes)
+        return pattern.merge(ys, x.shape[2:]) if merge else ys
+
+    def forward_pixels(self, x: Tensor, pattern: ScanPattern, routes: slice = slice(None), merge: bool = True,
+                       per_route: bool = False) -> Tensor:
+        """The routes of ``pattern`` scanned on the fused kernel with every tensor kept in pixel order.
+
+        x is the map (batch, d_inner, *spatial) that every route reads, or with ``per_route`` each route's
+        own map in pixel order, (batch, K', d_inner, *spatial). x_proj and dt_proj act on each position
+        alone, so they run in pixel order as well; the kernel reads route k's step t at the pixel
+        ``pattern.route_table`` names and adds its output back there (times ``pattern.merge_weight``),
+        which is exactly scan -> RouteSSM -> merge. Returns the merged (batch, d_inner, *spatial) map (a
+        channels-last view), or with ``merge=False`` the route outputs (batch, K', d_inner, length).
+        """
+        spatial = x.shape[3 if per_route else 2:]
+        table = pattern.route_table(spatial)
+        u = x.flatten(-len(spatial))
+        channels = u.shape[-2]
+        x_proj, dt_proj, A, Ds, dt_bias = self._parameter_sets(routes, table.shape[0], channels)
+        if per_route:
+            projected = torch.einsum("bkdp,kcd->bpkc", u, x_proj)
+        else:
+            if u.stride(1) != 1:  # one copy to channels-last, so that every route reads whole vectors
+                u = u.transpose(1, 2).contiguous().transpose(1, 2)
+            projected = F.linear(u.transpose(1, 2), x_proj.flatten(0, 1)).unflatten(-1, (table.shape[0], -1))
+        dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.einsum("bpkr,kdr->bkdp", dts, dt_proj)
+        call = ScanCall("fused", u.shape[0], table.shape[0] * channels, table.shape[1], self.d_state, table.shape[0],
+                        True, False, u.dtype, u.device, 0.0)
+        y = observed(lambda: scan_routes(u, dts, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1), Ds,
+                                         delta_bias=dt_bias, delta_softplus=True, table=table,
+                                         merge_weight=pattern.merge_weight, merged=merge), call)
+        return y.unflatten(-1, spatial) if merge else y
 
 
 class SS2D(nn.Module):
@@ -150,7 +209,6 @@ class SS2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(batch, height, width, d_model) -> same shape."""
-        height, width = x.shape[1:3]
         x = self.in_proj(x)
         if self.gated:
             x, z = x.chunk(2, dim=-1)
@@ -158,8 +216,7 @@ class SS2D(nn.Module):
         if self.conv2d is not None:
             x = self.conv2d(x)
         x = self.act(x)
-        y = self.pattern.merge(self.ssm(self.pattern.scan(x)), (height, width))
-        y = self.out_norm(y.permute(0, 2, 3, 1))
+        y = self.out_norm(self.ssm.scan_map(x, self.pattern).permute(0, 2, 3, 1))
         if self.gated:
             y = y * F.silu(z)
         return self.dropout(self.out_proj(y))

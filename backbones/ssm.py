@@ -25,7 +25,11 @@ Backends:
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, wrapped as the ``torch.library`` custom op
   ``mambalab::selective_scan_cuda`` (with a fake implementation, so compile/export can trace it);
   only for CUDA tensors and only when the package imports.
-- ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable, else ``torch``.
+- ``fused``: our fused CPU kernel (``backbones.kernel``, custom op ``mambalab::selective_scan_cpu``),
+  forward and backward; only for CPU tensors and only once built (``python -m backbones.kernel build``,
+  which ``make install`` runs where a C++ compiler exists). float64 inputs take the ``torch`` path.
+- ``auto``: ``mamba_ssm`` for CUDA tensors when it is usable; ``fused`` for CPU tensors when it is built
+  (except while ``torch.onnx.export`` traces: ONNX has no such op); else ``torch``.
 
 Choosing and observing the scan for a region of code (both thread-local, like ``torch.no_grad``):
 
@@ -54,7 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "reference", "mamba_ssm")
+from . import kernel as fused_kernel
+
+BACKENDS = ("auto", "torch", "reference", "mamba_ssm", "fused")
 
 CHUNK_LEN = 64
 """Tokens per chunk of the chunked scan: long enough to amortise the per-chunk work, short enough
@@ -119,8 +125,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        kernel_runs = device.type == "cuda" and dtype in (None, *MAMBA_SSM_DTYPES)
-        return "mamba_ssm" if kernel_runs and mamba_ssm_status()[0] is not None else "torch"
+        if device.type == "cuda":
+            kernel_runs = dtype in (None, *MAMBA_SSM_DTYPES)
+            return "mamba_ssm" if kernel_runs and mamba_ssm_status()[0] is not None else "torch"
+        if (device.type == "cpu" and dtype != torch.float64 and fused_kernel.available()
+                and not torch.onnx.is_in_onnx_export()):
+            return "fused"
+        return "torch"
+    if backend == "fused":
+        if not fused_kernel.available():
+            raise RuntimeError(f"scan backend 'fused' was requested but cannot run: {fused_kernel.status().reason}")
+        if device.type != "cpu":
+            raise RuntimeError(f"scan backend 'fused' needs CPU tensors, got tensors on {device}")
     if backend == "mamba_ssm":
         kernel, reason = mamba_ssm_status()
         if kernel is None:
@@ -138,14 +154,14 @@ def _require_mamba_ssm_dtype(dtype: torch.dtype) -> None:
                            "use 'torch' or 'reference'")
 
 
-_resolutions: dict[tuple[str, torch.device, Optional[torch.dtype]], str] = {}
+_resolutions: dict[tuple[str, torch.device, Optional[torch.dtype], bool], str] = {}
 
 
 @torch.compiler.assume_constant_result
 def _resolve_cached(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
     """``resolve_backend`` memoised: what can run does not change during a run (tracers take the
     answer as a constant instead of tracing the import checks)."""
-    key = (backend, device, dtype)
+    key = (backend, device, dtype, fused_kernel.available())  # hiding or loading the kernel changes the answer
     if key not in _resolutions:
         _resolutions[key] = resolve_backend(backend, device, dtype)
     return _resolutions[key]
@@ -681,9 +697,19 @@ def _scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return out.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- fused CPU kernel
+
+
+def _scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if u.dtype == torch.float64:  # the kernel computes in float32; float64 callers (gradcheck) want float64
+        return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return fused_kernel.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
 # ----------------------------------------------------------------------------- public entry points
 
-_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm}
+_IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm,
+                    "fused": _scan_fused}
 
 ScanFunction = Callable[..., Tensor]
 """A scan with ``selective_scan``'s positional arguments (u, delta, A, B, C, D, z, delta_bias, delta_softplus)."""
@@ -751,22 +777,36 @@ def _chosen(backend: str, u: Tensor) -> tuple[str, ScanFunction]:
         if callable(region):
             return getattr(region, "__name__", "custom"), region
         backend = region or backend
-    name = _resolve_cached(backend, u.device, u.dtype)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no fused op: resolved afresh, never from the cache
+        name = resolve_backend(backend, u.device, u.dtype)
+    else:
+        name = _resolve_cached(backend, u.device, u.dtype)
     return name, _IMPLEMENTATIONS[name]
 
 
-def _observed(observers: tuple, name: str, impl: ScanFunction, args: tuple) -> Tensor:
-    """Run ``impl(*args)`` timed, then report the call to every observer."""
-    u, B = args[0], args[3]
-    sync = any(wait for _, wait in observers) and u.device.type == "cuda"
+def chosen_backend(backend: str, u: Tensor) -> str:
+    """The backend a scan of ``u`` requested as ``backend`` runs on (the ``use_backend`` region applied), e.g.
+    for modules that take the fused kernel's route-aware path only when the scan runs there."""
+    return _chosen(backend, u)[0]
+
+
+def observed(run: Callable[[], Tensor], call: ScanCall) -> Tensor:
+    """``run()``, timed and reported to the ``observe`` callbacks as ``call`` (its ``seconds`` filled in) when
+    any are active and nothing is being traced. For scan entry points other than ``selective_scan`` (the
+    fused kernel's route-aware path), so that observers see every scan."""
+    observers = _observers.get()
+    tracing = (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+               or call.device.type == "meta")
+    if not observers or tracing:
+        return run()
+    sync = any(wait for _, wait in observers) and call.device.type == "cuda"
     if sync:
-        torch.cuda.synchronize(u.device)
+        torch.cuda.synchronize(call.device)
     start = time.perf_counter()
-    out = impl(*args)
+    out = run()
     if sync:
-        torch.cuda.synchronize(u.device)
-    call = ScanCall(name, u.shape[0], u.shape[1], u.shape[2], args[2].shape[1], 1 if B.dim() == 3 else B.shape[1],
-                    args[5] is not None, args[6] is not None, u.dtype, u.device, time.perf_counter() - start)
+        torch.cuda.synchronize(call.device)
+    call = call._replace(seconds=time.perf_counter() - start)
     for callback, _ in observers:
         callback(call)
     return out
@@ -782,11 +822,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if A.shape[0] != u.shape[1]:
         raise ValueError(f"A has {A.shape[0]} channels but u has {u.shape[1]}")
     name, impl = _chosen(backend, u)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    observers = _observers.get()
-    if observers and not is_tracing(u):
-        return _observed(observers, name, impl, args)
-    return impl(*args)
+    if not _observers.get():
+        return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    call = ScanCall(name, u.shape[0], u.shape[1], u.shape[2], A.shape[1], 1 if B.dim() == 3 else B.shape[1],
+                    D is not None, z is not None, u.dtype, u.device, 0.0)
+    return observed(lambda: impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus), call)
 
 
 def selective_scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: bool = True,

@@ -80,12 +80,36 @@ class BiMambaMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        routes = self.pattern.scan(x.transpose(1, 2))
-        batch, num_routes, channels, _ = routes.shape
-        routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
-        routes = self.act(routes).view(batch, num_routes, channels, length)
-        y = self.pattern.merge(self.ssm(routes), (length,))
+        if self.ssm.uses_fused_routes(x):
+            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True)
+        else:
+            routes = self.pattern.scan(x.transpose(1, 2))
+            batch, num_routes, channels, _ = routes.shape
+            routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
+            routes = self.act(routes).view(batch, num_routes, channels, length)
+            y = self.pattern.merge(self.ssm(routes), (length,))
         return self.out_proj(y.transpose(1, 2) * F.silu(z))
+
+    def _conv_in_token_order(self, x: Tensor) -> Tensor:
+        """Both directions' conv + act in token order, for the fused kernel: (batch, L, d) -> (batch, 2, d, L).
+
+        The backward direction's causal conv over the reversed sequence is, in token order, an anti-causal
+        conv with the flipped kernel. Both are d_conv multiply-adds of shifted token windows: direction 0
+        reads the sequence padded on the left, direction 1 the sequence padded on the right. Computed on
+        channels-last tokens, so the result keeps channels innermost, as the kernel reads them.
+        """
+        length, channels = x.shape[1:]
+        width = self.conv1d.kernel_size[0]
+        padded = torch.stack((F.pad(x, (0, 0, width - 1, 0)), F.pad(x, (0, 0, 0, width - 1))), dim=2)
+        weight = self.conv1d.weight.view(2, channels, width)
+        taps = torch.stack((weight[0], weight[1].flip(-1))).permute(2, 0, 1).contiguous()  # (tap, direction, channel)
+        if self.conv1d.bias is None:
+            out = padded[:, :length] * taps[0]
+        else:
+            out = torch.addcmul(self.conv1d.bias.view(2, channels), padded[:, :length], taps[0])
+        for tap in range(1, width):
+            out = torch.addcmul(out, padded[:, tap:tap + length], taps[tap])
+        return self.act(out).permute(0, 2, 3, 1)
 
 
 class VimBlock(nn.Module):

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_labels
+from .evaluation import evaluation_loader
 from .readers import open_image, read_image
 from .resumable import ResumableTrainData, seed_for
 
@@ -321,7 +322,7 @@ class ADE20KDataModule(ResumableTrainData, pl.LightningDataModule):
         return self.resumable_loader(self.datasets["train"], drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, **self._loader_kwargs())
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import BoxReport
+from .evaluation import evaluation_loader
 from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 
@@ -304,7 +305,7 @@ class COCODataModule(ResumableTrainData, pl.LightningDataModule):
         return self.resumable_loader(self.datasets["train"], **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, **self._loader_kwargs())
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

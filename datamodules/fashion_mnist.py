@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_labels
+from .evaluation import evaluation_loader
 from .resumable import ResumableTrainData, seed_for
 
 log = logging.getLogger("mambalab")
@@ -192,8 +193,8 @@ class FashionMNISTDataModule(ResumableTrainData, pl.LightningDataModule):
         }
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return evaluation_loader(self.splits[split], self.batch_size, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable_loader(self.splits["train"], num_workers=self.num_workers,

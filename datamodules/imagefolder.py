@@ -11,6 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from .evaluation import evaluation_loader
 from .readers import open_image
 from .resumable import ResumableTrainData
 
@@ -96,8 +97,8 @@ class ImageFolderDataModule(ResumableTrainData, pl.LightningDataModule):
                                                loader=partial(open_image, mode="RGB"))
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return evaluation_loader(self.datasets[split], self.batch_size, num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable_loader(self.datasets["train"], keys_with_epoch=False, num_workers=self.num_workers,

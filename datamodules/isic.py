@@ -30,6 +30,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
+from .evaluation import evaluation_loader
 from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 from .synapse import collate_cases
@@ -143,7 +144,7 @@ class IsicDataModule(ResumableTrainData, pl.LightningDataModule):
                                      persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=8, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets["val"], 8, num_workers=self.num_workers, collate_fn=collate_cases)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=8, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets["test"], 8, num_workers=self.num_workers, collate_fn=collate_cases)

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .ade20k import collate_dense
+from .evaluation import evaluation_loader
 from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
 
@@ -130,8 +131,8 @@ class NucleiDataModule(ResumableTrainData, pl.LightningDataModule):
                                      collate_fn=collate_dense)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_dense)
+        return evaluation_loader(self.datasets["val"], self.batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_dense)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

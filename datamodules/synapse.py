@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_labels
+from .evaluation import evaluation_loader
 from .readers import read_h5, read_npz
 from .resumable import ResumableTrainData, seed_for
 
@@ -210,7 +211,7 @@ class MedicalSliceDataModule(ResumableTrainData, pl.LightningDataModule):
                                      persistent_workers=self.num_workers > 0)
 
     def _cases_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=1, num_workers=self.num_workers, collate_fn=collate_cases)
+        return evaluation_loader(self.datasets[split], 1, num_workers=self.num_workers, collate_fn=collate_cases)
 
     def val_dataloader(self) -> DataLoader:
         return self._cases_loader("val")

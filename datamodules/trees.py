@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checks import BoxReport
 from .coco import collate_detection, crop_target, flip_target
+from .evaluation import evaluation_loader
 from .nuclei import package_data_dir
 from .readers import read_image
 from .resumable import ResumableTrainData, seed_for
@@ -167,8 +168,8 @@ class TreeCrownsDataModule(ResumableTrainData, pl.LightningDataModule):
                                      collate_fn=collate_detection)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.val_batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_detection)
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, num_workers=self.num_workers,
+                                 collate_fn=collate_detection)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

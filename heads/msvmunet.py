@@ -67,7 +67,7 @@ class MSVSSBlock(VSSBlock):
         mlp_ratio: MLP hidden width as a multiple of dim.
         kernel_sizes: depthwise kernels of the multi-scale convolution.
         norm_layer: channels-last normalisation.
-        **ssm_kwargs: passed to ``SS2D``.
+        **ssm_kwargs: passed to ``VSSBlock``: its ``mixer_layer`` (``SS2D`` by default) and the mixer's options.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,

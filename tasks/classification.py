@@ -66,6 +66,9 @@ class ClassificationTask(BackboneHeadTask):
         self.metrics.update({
             f"{stage}_acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
             for stage in ("val", "test")})
+        # The evaluation loss is a sample-weighted mean kept as metric states (sums), which synchronise exactly when
+        # processes hold different numbers of samples; Lightning's own mean over processes truncates the sample count.
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
         self.top_k = top_k
         self.val_acc_best = MaxMetric()
         self.train_loss = MeanMetric()
@@ -131,7 +134,8 @@ class ClassificationTask(BackboneHeadTask):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, targets = batch
         logits = self(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True, prog_bar=True)
+        self.metrics[f"{stage}_loss"].update(F.cross_entropy(logits, targets), weight=len(targets))
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"], on_epoch=True, prog_bar=True)
         for name in (f"{stage}_acc", f"{stage}_acc_top{self.top_k}"):
             self.metrics[name](logits, targets)
             self.log(name.replace("_", "/", 1), self.metrics[name], on_epoch=True, prog_bar=name.endswith("_acc"))

@@ -3,15 +3,20 @@
 COCO box and mask mAP come from torchmetrics' ``MeanAveragePrecision`` (COCO's evaluation rules through
 pycocotools or faster-coco-eval), over the whole validation set at the original image sizes. A set without a
 single scored ground-truth box has no mAP (torchmetrics returns -1): it is logged as NaN, with a warning.
+
+The scores do not depend on the evaluation batch or the number of processes: images are run in groups of one
+size (``DetectionTask.predict``), and processes gather their per-image states whole, in rank order
+(``GatheredMeanAveragePrecision``), from the contiguous unpadded shards the data modules give them.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -25,6 +30,26 @@ Targets = Optional[list[dict[str, Tensor]]]
 # torchmetrics' result keys -> the names logged (after "<stage>/<iou type>_"), as mmdet's CocoMetric names them.
 LOGGED = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_s", "map_medium": "mAP_m",
           "map_large": "mAP_l", "mar_100": "AR_100"}
+
+
+class GatheredMeanAveragePrecision(MeanAveragePrecision):
+    """torchmetrics' COCO mAP whose per-image states are gathered whole from every process, in rank order.
+
+    torchmetrics gathers these lists one image at a time (one collective call per list entry), which needs the
+    same number of images on every process (a padded sampler, which scores repeated images) and interleaves the
+    processes' images. Here each state list travels as one object per process and the lists are concatenated in
+    rank order, so unevenly sharded evaluation sets work and contiguous shards give back the dataset order.
+    """
+
+    def _sync_dist(self, dist_sync_fn: Optional[Callable] = None, process_group: Optional[Any] = None) -> None:
+        group = process_group or self.process_group
+        gathered: list = [None] * dist.get_world_size(group)
+        local = {name: [entry.cpu() if isinstance(entry, Tensor) else entry for entry in getattr(self, name)]
+                 for name in self._defaults}
+        dist.all_gather_object(gathered, local, group=group)
+        for name in self._defaults:
+            setattr(self, name, [entry.to(self.device) if isinstance(entry, Tensor) else entry
+                                 for part in gathered for entry in part[name]])
 
 
 class DetectionTask(BackboneHeadTask):
@@ -61,7 +86,7 @@ class DetectionTask(BackboneHeadTask):
         self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "scheduler"], logger=False)
         self.class_names = class_names or ()
         self.iou_types = ("bbox", "segm") if getattr(head, "with_masks", False) else ("bbox",)
-        self.metrics = nn.ModuleDict({stage: MeanAveragePrecision(iou_type=self.iou_types, backend=backend)
+        self.metrics = nn.ModuleDict({stage: GatheredMeanAveragePrecision(iou_type=self.iou_types, backend=backend)
                                       for stage in ("val", "test")})
         self._overlays_done = 0
 
@@ -97,9 +122,27 @@ class DetectionTask(BackboneHeadTask):
             truths.append(truth)
         return preds, truths
 
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image that do not depend on which images share the batch.
+
+        The head's transform pads a batch to its largest image, and the padding changes what the model sees:
+        a selective scan carries its state across the padded border, and anchors cover the padded area. Images
+        are therefore run in groups of one size (equal after the transform's resize), each group as one batch.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(index)
+        detections: list[dict[str, Tensor]] = [{} for _ in images]
+        for indices in groups.values():
+            _, group = self([images[i] for i in indices])
+            for index, detection in zip(indices, group):
+                detections[index] = detection
+        return detections
+
     def _evaluate(self, batch: tuple[list[Tensor], list[dict]], stage: str) -> None:
         images, targets = batch
-        _, detections = self(images)
+        detections = self.predict(images)
         self.metrics[stage].update(*self._metric_inputs(detections, targets))
         if stage == "val" and not self.trainer.sanity_checking:
             self._save_overlays(images, targets, detections)

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -181,6 +182,16 @@ def metrics_table(values: np.ndarray, class_names: Sequence[str], unit: str, tit
     return "\n".join(lines)
 
 
+def gather_objects(items: Sequence) -> list:
+    """Every process's ``items`` concatenated in rank order (``items`` itself without a process group): the
+    case names that go with the per-case rows ``CaseMetrics`` gathers in the same order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 class CaseMetrics(Metric):
     """Per-case, per-class (DSC, HD95, empty flag) rows and pixel counts (TP, FP, FN, TN per class),
     gathered across processes."""
@@ -319,6 +330,7 @@ class MedicalSegmentationTask(BackboneHeadTask):
             return
         cases, counts = metric.compute()
         metric.reset()
+        seen = gather_objects(self._cases_seen[stage])
         values, counts = cases.double().cpu().numpy(), counts.double().cpu().numpy()
         names = self.class_names
         self.log(f"{stage}/DSC", float(values[..., 0].mean()), prog_bar=True)
@@ -337,7 +349,6 @@ class MedicalSegmentationTask(BackboneHeadTask):
             self.log(f"{stage}/specificity", float(tn / max(tn + fp, 1)))
         if self.trainer.sanity_checking or self.global_rank != 0:
             return
-        seen = self._cases_seen[stage]
         unit = "mm" if seen and all(has_spacing for _, has_spacing in seen) else "voxels"
         title = f"{stage} (epoch {self.current_epoch}, {values.shape[0]} cases): per-class DSC and HD95"
         table = metrics_table(values, names, unit, title)

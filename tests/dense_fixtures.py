@@ -34,16 +34,17 @@ def _blocks_label(rng: np.random.Generator, height: int, width: int, num_classes
 
 
 def make_ade20k(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (48, 64),
-                seed: int = 0) -> Path:
-    """ADE20K in its released layout under ``root``; returns ``root``."""
+                seed: int = 0, mixed_sizes: bool = True, num_classes: int = 150) -> Path:
+    """ADE20K in its released layout under ``root``; returns ``root``. With ``mixed_sizes`` every second image
+    is portrait (``size`` transposed), else all are ``size``; labels use classes 1..``num_classes``."""
     rng = np.random.default_rng(seed)
     base = Path(root) / "ADEChallengeData2016"
     for split, count in (("training", n_train), ("validation", n_val)):
         (base / "images" / split).mkdir(parents=True, exist_ok=True)
         (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            height, width = size if i % 2 == 0 else (size[1], size[0])  # portrait and landscape
-            label = _blocks_label(rng, height, width)
+            height, width = size if i % 2 == 0 or not mixed_sizes else (size[1], size[0])  # portrait and landscape
+            label = _blocks_label(rng, height, width, num_classes)
             image = (rng.integers(0, 60, (height, width, 3)) + (label[..., None] * 37 % 196)).astype(np.uint8)
             stem = f"ADE_{'train' if split == 'training' else 'val'}_{i + 1:08d}"
             Image.fromarray(image).save(base / "images" / split / f"{stem}.jpg", quality=95)
@@ -57,9 +58,10 @@ def _polygon(x: float, y: float, w: float, h: float) -> list[float]:
 
 
 def make_coco(root: Path, n_train: int = 3, n_val: int = 2, size: tuple[int, int] = (64, 80),
-              seed: int = 0) -> Path:
+              seed: int = 0, mixed_sizes: bool = False) -> Path:
     """COCO 2017 instances layout under ``root`` (3 categories with ids 1, 3, 7); returns ``root``.
 
+    Images are ``size``, or with ``mixed_sizes`` every second one ``size`` transposed (portrait).
     Each image holds two or three bright rectangles (polygon annotations); the first validation image also
     has a crowd annotation (uncompressed RLE) and the last training image one of width 0.5 (dropped).
     """
@@ -71,7 +73,7 @@ def make_coco(root: Path, n_train: int = 3, n_val: int = 2, size: tuple[int, int
         (root / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            height, width = size
+            height, width = size if i % 2 == 0 or not mixed_sizes else (size[1], size[0])
             image_id = (100 if split == "val2017" else 0) + i + 1
             picture = rng.integers(0, 40, (height, width, 3)).astype(np.uint8)
             for k in range(2 + i % 2):

@@ -14,6 +14,7 @@ from tests.conftest import CONF_DIR, compose_config
 from tests.dense_fixtures import make_ade20k, make_coco, make_nuclei, make_trees
 from tests.fixtures import make_fashion_mnist, make_imagefolder
 from tests.medical_fixtures import make_acdc, make_isic, make_synapse
+from tests.pose_fixtures import make_coco_keypoints
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 BACKBONE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
@@ -26,6 +27,7 @@ DATA_FIXTURES = {
     "NucleiDataModule": ("data_dir", make_nuclei), "TreeCrownsDataModule": ("data_dir", make_trees),
     "SynapseDataModule": ("root", make_synapse), "ACDCDataModule": ("root", make_acdc),
     "IsicDataModule": ("root", make_isic), "BrainTissueDataModule": (None, None),
+    "COCOKeypointsDataModule": ("root", make_coco_keypoints),
 }
 
 

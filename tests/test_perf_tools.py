@@ -10,6 +10,7 @@ import timm
 import torch
 
 import backbones
+from backbones import kernel as fused_kernel
 from backbones import ssm
 from tools import benchmark, doctor, gpu_check
 
@@ -20,7 +21,7 @@ def test_doctor_reports_every_backend_and_why_not(capsys):
     kernel, reason = ssm.mamba_ssm_status()
     if kernel is None:
         assert info["scan_backends"]["mamba_ssm"] == f"not usable: {reason}"
-    assert "CPU tensors -> torch" in info["scan_backends"]["auto"]
+    assert f"CPU tensors -> {'fused' if fused_kernel.available() else 'torch'}" in info["scan_backends"]["auto"]
     assert info["torch_threads"] == torch.get_num_threads()
     doctor.main(["--json"])
     assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
@@ -125,3 +126,5 @@ def test_gpu_check_arguments(tmp_path):
     # every family has a real variant, and it is a registered classifier
     assert sorted(gpu_check.REAL_VARIANTS) == gpu_check.family_names()
     assert set(gpu_check.REAL_VARIANTS.values()) <= set(backbones.list_backbones())
+    assert {gpu_check.family_test_model(family) for family in gpu_check.family_names()} == {
+        name for name in backbones.list_backbones() if name.startswith("test_")}

@@ -20,6 +20,10 @@ def backends_run(fn) -> list[str]:
     return [call.backend for call in calls]
 
 
+AUTO = ssm.resolve_backend("auto", torch.device("cpu"), torch.float32)
+"""What ``auto`` picks for float32 CPU tensors here: ``fused`` where the kernel is built, else ``torch``."""
+
+
 def scan(backend: str = "auto") -> torch.Tensor:
     return ssm.selective_scan(**make_inputs(length=9, d_state=4, groups=2), delta_softplus=True, backend=backend)
 
@@ -34,7 +38,8 @@ def test_region_decides_what_auto_means_for_a_whole_model():
             reference = model(x)
         after = backends_run(lambda: model(x))
         expected = model(x)
-    assert len(default) == 4 and set(default) == {"torch"}  # test_vmamba: one block per stage
+    # test_vmamba: one block per stage; the fused kernel's route-aware path is reported as well
+    assert len(default) == 4 and set(default) == {ssm.resolve_backend("auto", x.device, x.dtype)}
     assert inside == ["reference"] * 4 and after == default
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
 
@@ -58,8 +63,8 @@ def test_regions_and_observers_nest_and_unwind():
                 scan()
         scan()
     scan()  # nothing observes this one
-    assert [c.backend for c in outer_calls] == ["reference", "torch", "torch", "reference"]
-    assert [c.backend for c in inner_calls] == ["torch", "torch"]
+    assert [c.backend for c in outer_calls] == ["reference", "torch", AUTO, "reference"]
+    assert [c.backend for c in inner_calls] == ["torch", AUTO]
 
 
 def test_an_exception_leaves_no_region_or_observer_behind():
@@ -70,14 +75,14 @@ def test_an_exception_leaves_no_region_or_observer_behind():
             raise KeyError("boom")
     scan()
     assert [c.backend for c in calls] == ["reference"]
-    assert backends_run(scan) == ["torch"]
+    assert backends_run(scan) == [AUTO]
 
 
 def test_a_failing_observer_propagates_and_is_removed():
     def fail(call: ssm.ScanCall) -> None:
         raise RuntimeError(f"observer saw {call.backend}")
 
-    with pytest.raises(RuntimeError, match="observer saw torch"):
+    with pytest.raises(RuntimeError, match=f"observer saw {AUTO}"):
         with ssm.observe(fail):
             scan()
     scan()  # the failing observer is gone
@@ -107,7 +112,7 @@ def test_regions_are_local_to_their_thread():
         thread = threading.Thread(target=lambda: seen.update(child=backends_run(scan)))
         thread.start()
         thread.join(timeout=60)
-    assert seen["child"] == ["torch"]  # a new thread starts from the automatic choice, like torch.no_grad
+    assert seen["child"] == [AUTO]  # a new thread starts from the automatic choice, like torch.no_grad
 
 
 def test_a_function_can_stand_in_for_the_scan():
@@ -135,7 +140,7 @@ def test_scan_call_reports_shapes_dtype_and_time():
         ssm.selective_scan(**inputs, delta_softplus=True)
         ssm.selective_scan(**dict(inputs, B=inputs["B"][:, 0], C=inputs["C"][:, 0], D=None), backend="reference")
     grouped, plain = calls
-    assert grouped == grouped._replace(backend="torch", batch=3, channels=6, length=11, d_state=5, groups=3,
+    assert grouped == grouped._replace(backend=AUTO, batch=3, channels=6, length=11, d_state=5, groups=3,
                                        with_D=True, with_z=False, dtype=torch.float32, device=torch.device("cpu"))
     assert (plain.backend, plain.groups, plain.with_D) == ("reference", 1, False)
     assert grouped.seconds > 0 and plain.seconds > 0

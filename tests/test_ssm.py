@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backbones import kernel
 from backbones.ssm import BACKENDS, linear_recurrence, resolve_backend, selective_scan
 from tests.oracle import oracle_selective_scan
 
@@ -92,7 +93,7 @@ def test_unknown_and_unavailable_backends_say_why():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="mamba_ssm"):
             resolve_backend("mamba_ssm", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == ("fused" if kernel.available() else "torch")
     assert set(CPU_BACKENDS) < set(BACKENDS)
 
 

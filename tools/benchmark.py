@@ -13,9 +13,10 @@ Three modes (all in one process, interleaved, with the baseline measured in the 
 
 ``python -m tools.benchmark --scan``
     Micro-benchmark of the scan formulations (chunked, odd/even, time-major unbind loop, our
-    sequential reference, the mamba-ssm-style indexed loop, and mamba-ssm's kernel on CUDA) on
-    VMamba-T stage-1 shapes: forward and forward+backward time, and peak memory as a multiple of
-    the (batch, channels, d_state, length) fp32 state history.
+    sequential reference, the mamba-ssm-style indexed loop, mamba-ssm's kernel on CUDA and our fused
+    CPU kernel where it is built) on VMamba-T stage-1 shapes (or ``--scan-shapes``): forward and
+    forward+backward time, and peak memory as a multiple of the (batch, channels, d_state, length)
+    fp32 state history.
 
 ``python -m tools.benchmark --profile vmamba_tiny_s1l8``
     Where a model's time goes: forward and training step with the real scan vs with the scan
@@ -48,13 +49,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import backbones
+from backbones import kernel as fused_kernel
 from backbones import ssm
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224",
                   "resnet50")
 DEFAULT_SCAN_SHAPES = ("2x768x3136x1", "8x768x3136x1", "1x768x3136x16", "2x768x3136x16")
-SCAN_FORMULATIONS = ("chunked", "oddeven", "unbind", "sequential", "mamba_ref", "mamba_ssm")
-DEFAULT_FORMULATIONS = ("chunked", "oddeven", "unbind")
+SCAN_FORMULATIONS = ("chunked", "oddeven", "unbind", "sequential", "mamba_ref", "mamba_ssm", "fused")
+DEFAULT_FORMULATIONS = ("chunked", "oddeven", "unbind", "fused")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -68,6 +70,7 @@ def environment(device: torch.device) -> dict:
         "command": "python -m tools.benchmark " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "clock": "cpu" if clock is CLOCKS["cpu"] else "wall", "scan_kernel": fused_kernel.status().reason,
         "allocator": loaded_allocator() or "glibc", "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "device": str(device), "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -82,14 +85,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time. ``cpu``: CPU seconds of this process, all threads together; on a machine
+shared with other jobs it does not count the time others hold the cores, so 1-thread comparisons stay
+meaningful under load (at more threads it also counts OpenMP's spin-waits)."""
+clock = CLOCKS["wall"]
+
+
 def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Seconds per call of ``fn`` averaged over ``iters`` calls."""
+    """Seconds per call of ``fn`` averaged over ``iters`` calls (on the ``--clock`` chosen)."""
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
 def peak_rss_bytes() -> int:
@@ -146,9 +156,11 @@ def stub_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 
 
 def build_model(name: str, device: torch.device) -> torch.nn.Module:
+    """A timm model; ``ours:backend`` (e.g. ``vmamba_tiny_s1l8:torch``) picks our model's scan backend."""
     import timm
 
-    kwargs = {"scan_backend": "auto"} if name in backbones.list_backbones() else {}
+    name, _, backend = name.partition(":")
+    kwargs = {"scan_backend": backend or "auto"} if name in backbones.list_backbones() else {}
     return timm.create_model(name, **kwargs).to(device)
 
 
@@ -305,7 +317,17 @@ def _mamba_style_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 def scan_formulation(name: str) -> Callable:
     return {"chunked": ssm.scan_chunked, "oddeven": ssm.scan_oddeven, "unbind": _timemajor_unbind,
             "sequential": ssm.scan_sequential, "mamba_ref": _mamba_style_reference,
-            "mamba_ssm": functools.partial(ssm.selective_scan, backend="mamba_ssm")}[name]
+            "mamba_ssm": functools.partial(ssm.selective_scan, backend="mamba_ssm"),
+            "fused": functools.partial(ssm.selective_scan, backend="fused")}[name]
+
+
+def runnable(name: str, device: torch.device) -> bool:
+    """Whether formulation ``name`` can run on ``device`` here (the kernels need their device and build)."""
+    if name == "mamba_ssm":
+        return device.type == "cuda"
+    if name == "fused":
+        return device.type == "cpu" and fused_kernel.available()
+    return True
 
 
 def scan_call(name: str, inputs: dict, mode: str) -> Callable[[], None]:
@@ -322,21 +344,23 @@ def scan_call(name: str, inputs: dict, mode: str) -> Callable[[], None]:
     return call
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
+def parse_shape(text: str) -> tuple[int, ...]:
+    """batch x channels x length x d_state [x routes (B/C groups, default 4)]."""
     parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"scan shape {text!r} must be batch x channels x length x d_state")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"scan shape {text!r} must be batch x channels x length x d_state "
+                                         "[x routes]")
     return parts
 
 
 def run_scan(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for shape in args.scan_shapes:
-        batch, channels, length, d_state = shape
-        inputs = scan_inputs(*shape, device)
+        batch, channels, length, d_state = shape[:4]
+        inputs = scan_inputs(*shape[:4], device, *shape[4:])
         history = batch * channels * length * d_state * 4
         for mode in args.scan_modes:
-            names = [n for n in args.formulations if not (n == "mamba_ssm" and device.type != "cuda")]
+            names = [n for n in args.formulations if runnable(n, device)]
             calls = {n: scan_call(n, inputs, mode) for n in names}
             for call in calls.values():
                 call()
@@ -379,8 +403,12 @@ def run_profile(args: argparse.Namespace, device: torch.device) -> dict:
                 stubbed.append(timed(steps[mode], device, args.iters))
             if mode == "forward":
                 calls: list[ssm.ScanCall] = []
-                with ssm.observe(calls.append, synchronize=True):
-                    total = timed(steps[mode], device, 1)
+                with ssm.observe(calls.append, synchronize=True):  # observers time on the wall clock: so does this
+                    synchronize(device)
+                    start = time.perf_counter()
+                    steps[mode]()
+                    synchronize(device)
+                    total = time.perf_counter() - start
                 scan_time.append(sum(call.seconds for call in calls) / total)
         med_real, med_stub = statistics.median(real), statistics.median(stubbed)
         results[mode] = dict(seconds=med_real, seconds_without_scan=med_stub, img_s=args.batch / med_real,
@@ -491,7 +519,8 @@ def probe(spec: dict) -> float:
         if spec["compile"]:
             call()  # compile first: the peak of interest is the compiled step's
     else:
-        call = scan_call(spec["name"], scan_inputs(*spec["shape"], device), spec["mode"])
+        shape = spec["shape"]
+        call = scan_call(spec["name"], scan_inputs(*shape[:4], device, *shape[4:]), spec["mode"])
     before = reset_peak_rss()
     call()
     return float(peak_rss_bytes() - before)
@@ -512,7 +541,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     mode.add_argument("--profile", metavar="MODEL", help="profile where MODEL's time goes (scan share)")
     mode.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--models", type=csv_list, default=list(DEFAULT_MODELS),
-                        help="comma-separated timm names (ours or timm's); default: %(default)s")
+                        help="comma-separated timm names (ours or timm's; ours may end in :torch, :fused, ... to "
+                             "force a scan backend); default: %(default)s")
     parser.add_argument("--baseline", default="convnext_tiny", help="model the ratios refer to (added if missing)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default: each model's)")
@@ -524,6 +554,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats (median reported)")
     parser.add_argument("--iters", type=int, default=1, help="calls per timed repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of this process (robust to other jobs on a "
+                             "shared machine; use with --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model (Inductor; needs a C++ compiler on CPU); warm-up compiles")
@@ -531,7 +564,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     parser.add_argument("--scan-shapes", type=lambda s: [parse_shape(p) for p in csv_list(s)],
                         default=[parse_shape(s) for s in DEFAULT_SCAN_SHAPES],
-                        help="--scan: batch x channels x length x d_state list; default: "
+                        help="--scan: batch x channels x length x d_state [x routes] list; default: "
                              + ",".join(DEFAULT_SCAN_SHAPES))
     parser.add_argument("--formulations", type=csv_list, default=list(DEFAULT_FORMULATIONS),
                         help=f"--scan: any of {','.join(SCAN_FORMULATIONS)} (mamba_ref's backward is quadratic "
@@ -548,7 +581,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global clock
     args = parse_args(argv)
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

@@ -292,7 +292,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--openmmlab", action="store_true",
                         help="UperNet / Mask R-CNN files: also write openmmlab.pth for mmseg/mmdet configs with "
                              "MambaLabBackbone (docs/mm)")
+    parser.add_argument("--pose", action="store_true", help="an mmpose top-down pose checkpoint: convert its heatmap "
+                        "head too and write a run.py checkpoint to --out (tools.convert_pose)")
     args = parser.parse_args(argv)
+    if args.pose:
+        from tools.convert_pose import convert_pose_main
+
+        return convert_pose_main(args.checkpoint, args.variant, args.out, args.ema, args.model_arg)
     try:
         if args.out is not None:
             check_output_folder(args.out, "tools.convert", args.force)

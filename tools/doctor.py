@@ -1,4 +1,4 @@
-"""Report what this machine can run: scan backends (and why not), torch/CUDA, threads, allocator.
+"""Report what this machine can run: scan backends (and why not), the fused kernel, torch/CUDA, threads, allocator.
 
 Usage: ``python -m tools.doctor`` (``--json`` for a machine-readable dump). Nothing is installed or
 changed; the report is what ``scan_backend: auto`` will pick and what limits speed here.
@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from backbones import kernel as fused_kernel
 from backbones import ssm
 
 _ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
@@ -52,6 +53,7 @@ def backend_report() -> dict[str, str]:
         "reference": "usable: sequential loop over time (slow; cross-check only)",
         "mamba_ssm": "usable: CUDA kernel via mambalab::selective_scan_cuda" if kernel is not None
                      else f"not usable: {reason}",
+        "fused": ("usable: " if fused_kernel.available() else "not usable: ") + fused_kernel.status().reason,
         "auto": f"CPU tensors -> {auto_cpu}" + (f"; CUDA tensors -> {auto_cuda}" if cuda else ""),
     }
 
@@ -81,6 +83,22 @@ def collect() -> dict:
         "packages": {name: _version(name) for name in ("timm", "mamba-ssm", "causal-conv1d", "onnx",
                                                          "onnxruntime", "onnxscript")},
         "scan_backends": backend_report(),
+        "fused_kernel": kernel_report(),
+    }
+
+
+def kernel_report() -> dict:
+    """What the fused CPU kernel was built with and what this CPU can run."""
+    manifest = json.loads(fused_kernel.MANIFEST.read_text()) if fused_kernel.MANIFEST.exists() else {}
+    return {
+        "build_dir": str(fused_kernel.BUILD_DIR),
+        "built_levels": sorted(manifest.get("levels", {})),
+        "runnable_levels": fused_kernel.cpu_levels() if manifest else [],
+        "selected_level": fused_kernel.status().isa,
+        f"{fused_kernel.ISA_ENV}": os.environ.get(fused_kernel.ISA_ENV),
+        "openmp_runtime": manifest.get("openmp"),
+        "built_with": manifest.get("compiler_version"),
+        "compiler_here": fused_kernel.find_compiler(),
     }
 
 
@@ -88,6 +106,8 @@ def render(info: dict) -> str:
     """The human-readable report."""
     lines = ["mambalab doctor", "", "scan backends:"]
     lines += [f"  {name:<10} {text}" for name, text in info["scan_backends"].items()]
+    lines += ["", "fused CPU kernel (python -m backbones.kernel build):"]
+    lines += [f"  {key:<26} {value}" for key, value in info["fused_kernel"].items()]
     lines += ["", "torch:"]
     for key in ("python", "platform", "torch", "torch_cuda_build", "cuda_available", "cuda_devices", "cudnn",
                 "tf32_matmul", "cpu_capability", "cxx_compiler_for_inductor"):

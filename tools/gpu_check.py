@@ -46,8 +46,10 @@ from backbones import ssm
 from backbones.ss2d import RouteSSM
 
 REAL_VARIANTS = {"vmamba": "vmamba_tiny_s1l8", "msvmamba": "msvmamba_nano", "efficientvmamba": "efficientvmamba_tiny",
-                 "groupmamba": "groupmamba_tiny", "hrvmamba": "hrvmamba_small", "vim": "vim_tiny_patch16_224"}
-"""One released variant per family (the smallest classifier), checked besides the family's test model."""
+                 "groupmamba": "groupmamba_tiny", "hrvmamba": "hrvmamba_small", "vim": "vim_tiny_patch16_224",
+                 "mhs": "mhs_vmamba_tiny"}
+"""One released variant per family (the smallest classifier; MHS-VM's encoder, whose release is a segmentation
+model), checked besides the family's test model."""
 
 OFFICIAL_THROUGHPUT = dict(model="vmamba_tiny_s1l8", inference_img_s=1686, train_img_s=571, gpu="A100", batch=128,
                            source="VMamba README / assets/performance.md (VMamba-T[s1l8])")
@@ -239,8 +241,17 @@ def measure_throughput(name: str, backend: str, amp: bool, device: torch.device,
 # ----------------------------------------------------------------------------- main
 
 
+def family_name(name: str) -> str:
+    return backbones.family_of(name).__name__.rsplit(".", 1)[-1]
+
+
 def family_names() -> list[str]:
-    return sorted({backbones.family_of(name).__name__.rsplit(".", 1)[-1] for name in backbones.list_backbones()})
+    return sorted({family_name(name) for name in backbones.list_backbones()})
+
+
+def family_test_model(family: str) -> str:
+    """The family's ``test_*`` model (``test_<family>``, or e.g. ``test_mhs_vmamba`` for the MHS family)."""
+    return next(name for name in backbones.list_backbones() if name.startswith("test_") and family_name(name) == family)
 
 
 def describe_scan(row: dict) -> str:
@@ -327,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"factor {args.error_factor}):")
         results["models"] = []
         for family in args.families:
-            for name in (f"test_{family}", REAL_VARIANTS[family]):
+            for name in (family_test_model(family), REAL_VARIANTS[family]):
                 results["models"].append(check_model(name, device, error_factor=args.error_factor, floor=args.floor))
                 print(describe_model(results["models"][-1]))
     if not args.skip_throughput:
