@@ -3,6 +3,7 @@
     python run.py                                   # default experiment: train, then test
     python run.py backbone=vmamba_tiny_s1l8 trainer.fast_dev_run=true
     python run.py mode=eval ckpt_path=<run>/checkpoints/last.ckpt
+    python run.py mode=eval experiment=ade20k_upernet_vmamba_tiny_s1l8 weights=<tools.convert output folder>
     python run.py --help                            # config groups and examples
 """
 
@@ -29,6 +30,7 @@ from tasks.checkpoint_io import resolve_checkpoint, run_identity
 from tasks.config_checks import check_config
 from tasks.run_dir import open_new, process_rank
 from tasks.scaling import effective_batch_report, global_batch
+from tasks.weights import load_task_weights
 
 log = logging.getLogger("mambalab")
 
@@ -95,13 +97,19 @@ def data_inputs(task_target: str, datamodule: pl.LightningDataModule) -> dict[st
     return {name: getattr(datamodule, name) for name in names}
 
 
+def build_model(cfg: DictConfig, in_chans: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """The backbone, built for what the head consumes, and the head on it (also what tools.convert fills)."""
+    backbone_kwargs, head_kwargs_for = backbone_interface(cfg.head._target_)
+    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=in_chans, **backbone_kwargs)
+    head = hydra.utils.instantiate(cfg.head, **head_kwargs_for(backbone), num_classes=num_classes)
+    return backbone, head
+
+
 def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data first (it knows channels, classes and the other facts the task is told), then backbone, head and
     the task around them. The optimiser's weight decay goes to the task, which applies it per parameter group."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    backbone_kwargs, head_kwargs_for = backbone_interface(cfg.head._target_)
-    backbone = hydra.utils.instantiate(cfg.backbone, in_chans=datamodule.in_chans, **backbone_kwargs)
-    head = hydra.utils.instantiate(cfg.head, **head_kwargs_for(backbone), num_classes=datamodule.num_classes)
+    backbone, head = build_model(cfg, datamodule.in_chans, datamodule.num_classes)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     weight_decay = optimizer.pop("weight_decay", 0.0)
     task = hydra.utils.instantiate(cfg.task, backbone=backbone, head=head, optimizer=hydra.utils.instantiate(optimizer),
@@ -180,20 +188,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg, overrides=HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = checkpoint_to_load(cfg)
-    if cfg.mode == "eval" and ckpt_path is None:
-        raise ValueError("mode=eval needs ckpt_path=<path to a .ckpt written by run.py>")
+    if cfg.mode == "eval" and ckpt_path is None and not cfg.get("weights"):
+        raise ValueError("mode=eval needs ckpt_path=<a .ckpt written by run.py> or weights=<a model converted by "
+                         "tools.convert>")
     if ckpt_path is not None:
         log.info("checkpoint: %s", ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     record_run(cfg, output_dir)
 
     datamodule, task = build_task(cfg)
+    if cfg.get("weights"):
+        load_task_weights(task, cfg.weights, cfg.backbone.get("name"), cfg.head._target_, datamodule)
     task.run_identity = run_identity(cfg)
     log.info("data: %s reading %s", type(datamodule).__name__, data_source(datamodule))
     trainer = build_trainer(cfg)
     if cfg.mode == "eval":
         trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return log_test_metrics({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     log.info(effective_batch_report(cfg, datamodule.batch_size, trainer.num_devices, trainer.num_nodes,
                                     trainer.accumulate_grad_batches))
@@ -207,6 +218,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return log_test_metrics(metrics)
+
+
+def log_test_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Log every ``test/`` metric (one line each) and return the metrics."""
     for name in sorted(k for k in metrics if k.startswith("test/")):
         log.info("%s = %.4f", name, metrics[name])
     return metrics

@@ -3,6 +3,8 @@
 Importing this package registers every variant with timm, so ``timm.create_model(name)`` works for
 all of them; ``create_backbone`` is the same with a clear error for unknown names. It also registers
 ``FX_LEAF_MODULES`` / ``FX_LEAF_FUNCTIONS`` with timm, what torch.fx tracing keeps as single calls.
+``require_local_weights`` is the check every build makes for ``pretrained=True`` (converted weights on disk,
+nothing downloaded), for callers that check a config before building.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import timm
 from torch import nn
 
 from . import efficientvmamba, groupmamba, hrvmamba, mhs, msvmamba, vim, vmamba
+from ._checkpoint import require_local_weights
 from ._fx import FX_LEAF_FUNCTIONS, FX_LEAF_MODULES
 from .ssm import selective_scan
 
 __all__ = ["FX_LEAF_FUNCTIONS", "FX_LEAF_MODULES", "block_classes", "create_backbone", "family_of", "list_backbones",
-           "selective_scan"]
+           "require_local_weights", "selective_scan"]
 
 _FAMILY_MODULES = (vmamba, msvmamba, efficientvmamba, groupmamba, hrvmamba, vim, mhs)
 

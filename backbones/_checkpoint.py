@@ -1,6 +1,8 @@
 """What every family's ``checkpoint_filter_fn`` shares: finding the weights inside an official checkpoint
 file, renaming keys with an ordered table of regular-expression rules, and the key layout of the official
-VMamba code base, which both VMamba's and MSVMamba's releases use (MSVMamba's code is a fork of it).
+VMamba code base, which both VMamba's and MSVMamba's releases use (MSVMamba's code is a fork of it); the
+model's own weights for parts a classifier checkpoint lacks; and the check that ``pretrained=True`` points at
+converted weights on disk.
 
 A family file keeps only what is its own: the rule table (``OFFICIAL_KEY_RULES``) and any reshaping
 its layout needs.
@@ -9,9 +11,11 @@ its layout needs.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
-from torch import Tensor
+from timm.models import resolve_pretrained_cfg
+from torch import Tensor, nn
 
 # (pattern, replacement) pairs applied in order with ``re.sub``; a replacement may be a function of the match.
 KeyRules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
@@ -50,6 +54,7 @@ VMAMBA_BODY_RULES: KeyRules = [
     (r"\.op\.", ".mixer."),
     (r"^classifier\.norm\.", "norm."),
     (r"^classifier\.head\.", "head."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the dense backbone's per-level norms
 ]
 # The v0 release predates the official code's renaming (which its ``_load_from_state_dict`` still does).
 _VMAMBA_V0_NAMES: KeyRules = [
@@ -70,3 +75,39 @@ VMAMBA_KEY_RULES: Dict[str, KeyRules] = {
 def vmamba_generation(state_dict: Mapping[str, Tensor]) -> str:
     """"v2" for VMamba-code checkpoints with the overlapping stem (``patch_embed.5``), else "v1"."""
     return "v2" if "patch_embed.5.weight" in state_dict else "v1"
+
+
+def with_own_weights(state_dict: Dict[str, Tensor], model: nn.Module, prefix: str) -> Dict[str, Tensor]:
+    """``state_dict`` plus the model's own tensors under ``prefix`` where it has none: parts only a dense model
+    has (feature norms, a feature pyramid) keep their initial values when a classifier checkpoint is loaded."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) and k not in state_dict}
+    return {**state_dict, **own}
+
+
+def require_local_weights(variant: str, pretrained: bool, kwargs: Mapping[str, Any]) -> None:
+    """With ``pretrained=True``, fail before anything is built or downloaded unless the weights are on disk.
+
+    The official checkpoints are not in timm's layout and nothing is downloaded at run time: they are converted
+    once with ``tools.convert``, and the result is named with ``pretrained_cfg_overlay=dict(file=...)`` or
+    ``local-dir:<folder>``. A named file that does not exist is reported with its path.
+    """
+    if not pretrained:
+        return
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if cfg.state_dict is not None:
+        return
+    if cfg.file:
+        if not Path(cfg.file).exists():
+            raise FileNotFoundError(f"{variant}: pretrained weights file {cfg.file} (pretrained_cfg_overlay.file) does "
+                                    f"not exist; convert the official checkpoint with `python -m tools.convert "
+                                    f"<checkpoint> {variant} --out <folder>` and name <folder>/model.safetensors")
+        return
+    origin = (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url) or cfg.origin_url
+    where = f" (download it by hand from {origin})" if origin else ""
+    folder = f"weights/{variant}"
+    raise RuntimeError(
+        f"{variant}: pretrained=True needs the official checkpoint converted with tools.convert{where}; nothing is "
+        f"downloaded at run time. Run `python -m tools.convert <checkpoint> {variant} --out {folder}`, then use "
+        f"timm.create_model('local-dir:{folder}', pretrained=True) or pretrained_cfg_overlay=dict("
+        f"file='{folder}/model.safetensors') (run.py: backbone.pretrained=true "
+        f"+backbone.pretrained_cfg_overlay.file={folder}/model.safetensors)")

@@ -5,7 +5,7 @@ names; plus the ImageNet pretrained-cfg defaults and the model builder."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import get_device_dtype
@@ -13,7 +13,8 @@ from timm.models import build_model_with_cfg
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
-from .layers import flagged_no_weight_decay
+from ._checkpoint import require_local_weights
+from .layers import LayerNorm2d, flagged_no_weight_decay
 
 
 class MambaBackbone(nn.Module):
@@ -26,10 +27,14 @@ class MambaBackbone(nn.Module):
     ``_finish_features`` (what ``forward_features`` adds after the last level), ``_norm_level`` (what
     ``norm=True`` does to the last level) and ``_prune_levels`` (what pruning removes). Classifier
     hooks: ``_pool`` (how ``global_pool`` reduces the features), ``_reset_heads`` and ``_prune_head``.
+    A family whose dense backbone normalises every level it returns (the official ``outnorm{i}``) builds
+    per-level ``feature_norms`` with ``_init_feature_norms``; ``forward_intermediates`` applies them.
 
     Class attributes: ``global_pools``, the ``global_pool`` values ``_pool`` knows; ``final_norm``, the
     attribute that ``prune_norm`` replaces with ``nn.Identity`` (None when there is no final norm);
-    ``level_modules``, whether timm's module-based feature extractors can read the levels.
+    ``level_modules``, whether timm's module-based feature extractors can read the levels (a model with
+    feature norms sets it to False for itself: its levels are the norms' outputs, which ``forward`` never
+    computes).
     """
 
     global_pools: Tuple[str, ...] = ("avg", "")
@@ -47,6 +52,13 @@ class MambaBackbone(nn.Module):
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
         self._reset_heads(num_classes)
+
+    def _init_feature_norms(self, widths: Optional[Sequence[int]]) -> None:
+        """One LayerNorm per feature level of ``widths`` channels (None: no feature norms), applied to the maps
+        ``forward_intermediates`` (so ``features_only``) returns, as the official dense backbones' ``outnorm{i}``."""
+        self.feature_norms = nn.ModuleList(LayerNorm2d(width) for width in widths) if widths else None
+        if self.feature_norms is not None:
+            self.level_modules = False
 
     def _checked_pool(self, global_pool: str) -> str:
         if global_pool not in self.global_pools:
@@ -144,17 +156,26 @@ class MambaBackbone(nn.Module):
         levels = sorted(set(take_indices))
         state, maps = self._forward_levels(x, levels, stop_early and not torch.jit.is_scripting())
         last = len(self.feature_info) - 1
+        feature_norms = getattr(self, "feature_norms", None)
         intermediates = []
         for index, feature in zip(levels, maps):
-            feature = self._norm_level(feature) if norm and index == last else feature
+            if feature_norms is not None:
+                feature = feature_norms[index](feature)
+            elif norm and index == last:
+                feature = self._norm_level(feature)
             intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
         return intermediates if intermediates_only else (self._finish_features(state), intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop what comes after the last requested level where the family can, and the final norm and head
-        when asked or when they no longer fit."""
+        """Drop what comes after the last requested level where the family can, the feature norms of the
+        levels not requested (the official dense backbones have only those of their ``out_indices``), and the
+        final norm and head when asked or when they no longer fit."""
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        feature_norms = getattr(self, "feature_norms", None)
+        if feature_norms is not None:
+            for index in set(range(len(feature_norms))) - set(take_indices):
+                feature_norms[index] = nn.Identity()
         if self._prune_levels(sorted(set(take_indices)), prune_head):
             prune_norm = prune_head = True
         if prune_norm and self.final_norm is not None:
@@ -191,23 +212,35 @@ def factory_defaults(device: Optional[Union[str, torch.device]] = None,
 
 def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
                    device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
-                   **kwargs: Any) -> nn.Module:
+                   dense_feature_norms: bool = False, **kwargs: Any) -> nn.Module:
     """``build_model_with_cfg`` with ``features_only`` served by ``forward_intermediates`` (four levels
     unless ``out_indices`` says otherwise).
 
     ``device`` and ``dtype`` (which ``timm.create_model`` passes on) are where and in which floating-point
     type the parameters and buffers are created: ``device="meta"`` builds the structure without allocating
-    memory, ``device="cuda"`` initialises directly on the GPU. Pretrained weights load after construction.
+    memory, ``device="cuda"`` initialises directly on the GPU. Pretrained weights load after construction,
+    from converted weights on disk only (``require_local_weights``: nothing is downloaded). With
+    ``dense_feature_norms`` (families whose official dense backbones normalise every level), a
+    ``features_only`` model gets per-level ``feature_norms`` unless the caller says otherwise.
     """
+    require_local_weights(variant, pretrained, kwargs)
+    if dense_feature_norms:
+        kwargs.setdefault("feature_norms", bool(kwargs.get("features_only")))
     feature_cfg = {"out_indices": kwargs.pop("out_indices", (0, 1, 2, 3)), "feature_cls": "getter",
                    **kwargs.pop("feature_cfg", {})}
     feature_cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
-    if kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet) and not model_cls.level_modules:
-        raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}: its "
-                         "feature levels are not outputs of modules, which timm's hook and FX extractors read")
+    module_extractor = kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet)
 
     def construct(**model_kwargs: Any) -> nn.Module:
         with factory_defaults(device, dtype):
-            return model_cls(**model_kwargs)
+            model = model_cls(**model_kwargs)
+        if module_extractor and not model.level_modules:
+            hint = (" (each level goes through its feature_norms outside forward; VMamba, MSVMamba and "
+                    "EfficientVMamba without them, feature_norms=False, give the stages' outputs)"
+                    if getattr(model, "feature_norms", None) is not None else "")
+            raise ValueError(f"{variant}: features_only supports feature_cls='getter' only, got {feature_cls!r}: its "
+                             f"feature levels are not outputs of modules, which timm's hook and FX extractors "
+                             f"read{hint}")
+        return model
 
     return build_model_with_cfg(construct, variant, pretrained, feature_cfg=feature_cfg, **kwargs)

@@ -21,7 +21,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import build_backbone, imagenet_cfg
 from .hierarchical import HierarchicalMamba
 from .layers import ChannelsLastStage, Stage
@@ -111,6 +111,7 @@ OFFICIAL_KEY_RULES: KeyRules = [
     (r"(\.blocks\.\d+)\.se\.(norm|global_reduce|channel_select)\.", r"\1.attn.\2."),
     (r"^classifier\.norm\.", "norm."),
     (r"^classifier\.head\.", "head."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the dense backbone's per-level norms
 ]
 
 
@@ -122,12 +123,13 @@ def rename_official_key(key: str) -> str:
 def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
     """Convert a released EfficientVMamba checkpoint to this module's keys (no shape changes needed).
 
-    A state dict already in our layout passes through unchanged.
+    A state dict already in our layout passes through unchanged. The dense backbone's ``outnorm{i}`` become
+    ``feature_norms.{i}``; a model with feature norms keeps its own where the file has none.
     """
     state_dict = unwrap_state_dict(state_dict, ("state_dict", "model", "state_dict_ema", "model_ema"))
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    return {rename_official_key(k): v for k, v in state_dict.items()}
+    if not any(k.startswith("stem.") for k in state_dict):
+        state_dict = {rename_official_key(k): v for k, v in state_dict.items()}
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 # The options of the EVSS blocks' ES2D mixer (the rest configure the skeleton).
@@ -137,12 +139,13 @@ _ES2D_ARGS = ("d_state", "ssm_ratio", "dt_rank", "scan_backend")
 def _create_efficientvmamba(variant: str, pretrained: bool = False, num_ssm_stages: int = 2,
                             ir_expand_ratio: float = 4.0, ir_se_ratio: float = 0.125, **kwargs) -> HierarchicalMamba:
     """The hierarchical skeleton with EVSS stages (channels-last) first and inverted-residual stages (NCHW)
-    after them: ``num_ssm_stages`` EVSS stages, ES2D options in ``_ES2D_ARGS``, ``ir_*`` for the rest."""
+    after them: ``num_ssm_stages`` EVSS stages, ES2D options in ``_ES2D_ARGS``, ``ir_*`` for the rest;
+    ``features_only`` gets the dense backbone's per-level feature norms."""
     evss = partial(EVSSBlock, **{name: kwargs.pop(name) for name in _ES2D_ARGS if name in kwargs})
     inverted = partial(inverted_residual, expand_ratio=ir_expand_ratio, se_ratio=ir_se_ratio)
     num_ir_stages = len(kwargs["depths"]) - num_ssm_stages
     return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                          block_layer=[evss] * num_ssm_stages + [inverted] * num_ir_stages,
+                          dense_feature_norms=True, block_layer=[evss] * num_ssm_stages + [inverted] * num_ir_stages,
                           stage_layer=[ChannelsLastStage] * num_ssm_stages + [Stage] * num_ir_stages, **kwargs)
 
 

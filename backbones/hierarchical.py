@@ -44,6 +44,8 @@ class HierarchicalMamba(MambaBackbone):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, increasing linearly over all blocks.
         global_pool: "avg" or "" (no pooling).
+        feature_norms: a LayerNorm on each stage's output in ``forward_intermediates`` (``features_only``), as
+            the official dense backbones' ``outnorm{i}`` (the families set it for ``features_only``).
         **block_kwargs: passed to every block (the family's block options, e.g. VSSBlock's ``d_state``).
     """
 
@@ -52,7 +54,8 @@ class HierarchicalMamba(MambaBackbone):
                  stage_layer: Union[StageLayer, Sequence[StageLayer]] = ChannelsLastStage,
                  stem_layer: Callable[[int, int], nn.Module] = PatchStem,
                  downsample_layer: Callable[[int, int], nn.Module] = PatchMerging, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, global_pool: str = "avg", **block_kwargs: Any) -> None:
+                 drop_path_rate: float = 0.1, global_pool: str = "avg", feature_norms: bool = False,
+                 **block_kwargs: Any) -> None:
         super().__init__()
         self.in_chans = in_chans
         if isinstance(dims, int):
@@ -62,6 +65,7 @@ class HierarchicalMamba(MambaBackbone):
         self.stages, self.feature_info = build_stages(
             depths, dims, [partial(layer, **block_kwargs) for layer in block_layers], stage_layer, downsample_layer,
             drop_path_rate)
+        self._init_feature_norms(dims if feature_norms else None)
         self.norm = LayerNorm2d(dims[-1])
         self._init_classifier(dims[-1], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)

@@ -35,7 +35,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 
-from ._checkpoint import KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .dcnv4 import DCNv4
 from .layers import LayerNorm2d, init_linear_trunc_normal
@@ -225,11 +225,16 @@ class ClassificationNeck(nn.Module):
             ConvNormAct(widths[i], widths[i + 1], 3, stride=2, padding=1, bias=False) for i in range(len(widths) - 1))
         self.final_layer = ConvNormAct(widths[-1], out_chs, 1, bias=False)
 
-    def forward(self, xs: List[Tensor]) -> Tensor:
-        y = self.increase_layers[0](xs[0])
+    def forward_levels(self, xs: List[Tensor]) -> List[Tensor]:
+        """Every level's sum (strides 4-32), the last through ``final_layer``: what the official segmentation
+        backbone feeds UperNet (128/256/512/2048 channels)."""
+        levels = [self.increase_layers[0](xs[0])]
         for down, increase, x in zip(self.downsample_layers, self.increase_layers[1:], xs[1:]):
-            y = down(y) + increase(x)
-        return self.final_layer(y)
+            levels.append(down(levels[-1]) + increase(x))
+        return levels[:-1] + [self.final_layer(levels[-1])]
+
+    def forward(self, xs: List[Tensor]) -> Tensor:
+        return self.forward_levels(xs)[-1]
 
 
 class HRVMamba(MambaBackbone):
@@ -256,6 +261,9 @@ class HRVMamba(MambaBackbone):
         drop_path_rate: stochastic depth, increasing linearly over the blocks of stages 2-4.
         global_pool: "avg" or "" (no pooling).
         scan_backend: selective-scan backend.
+        dense_features: what ``forward_intermediates`` (``features_only``) returns: "branches", the four branch maps,
+            or "neck", the classification neck's four levels (128/256/512/2048 channels) each through a LayerNorm
+            (``feature_norms``), as the official segmentation backbone (``Backbone_HRVMamba``, ``outnorm{i}``).
     """
 
     final_norm = None  # the branches are not normalised at the end
@@ -266,9 +274,12 @@ class HRVMamba(MambaBackbone):
                  ssm_drop_rate: float = 0.0, mlp_drop_rate: float = 0.0, multiscale_output: bool = True,
                  neck_widths: Sequence[int] = (128, 256, 512, 1024), num_features: int = 2048,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, global_pool: str = "avg",
-                 scan_backend: str = "auto") -> None:
+                 scan_backend: str = "auto", dense_features: str = "branches") -> None:
         super().__init__()
         self.in_chans = in_chans
+        if dense_features not in ("branches", "neck") or dense_features == "neck" and not multiscale_output:
+            raise ValueError(f"HRVMamba: dense_features must be 'branches' or 'neck' (the latter with "
+                             f"multiscale_output=True), got {dense_features!r}")
         if len(widths) != len(num_modules) + 1:
             raise ValueError(f"HRVMamba: {len(widths)} branch widths need {len(widths) - 1} stages, "
                              f"got num_modules={tuple(num_modules)}")
@@ -297,10 +308,17 @@ class HRVMamba(MambaBackbone):
             setattr(self, f"stage{s + 2}", nn.Sequential(*stage))
             pre = cur
         self.num_stages = len(num_modules)
-        outputs = widths if multiscale_output else widths[:1]
-        last_module = f"stage{self.num_stages + 1}.{num_modules[-1] - 1}"
-        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=f"{last_module}.fuse_acts.{i}")
-                             for i, w in enumerate(outputs)]
+        self.dense_features = dense_features
+        if dense_features == "neck":
+            outputs = [*neck_widths[:-1], num_features]
+            modules = ["neck"] * len(outputs)
+            self._init_feature_norms(outputs)
+        else:
+            outputs = widths if multiscale_output else widths[:1]
+            last_module = f"stage{self.num_stages + 1}.{num_modules[-1] - 1}"
+            modules = [f"{last_module}.fuse_acts.{i}" for i in range(len(outputs))]
+        self.feature_info = [dict(num_chs=w, reduction=4 * 2 ** i, module=module)
+                             for i, (w, module) in enumerate(zip(outputs, modules))]
         self.neck = ClassificationNeck(widths, neck_widths, num_features) if multiscale_output else None
         self._init_classifier(num_features if multiscale_output else widths[0], num_classes, drop_rate, global_pool)
         self.apply(self._init_weights)
@@ -336,7 +354,10 @@ class HRVMamba(MambaBackbone):
     def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[List[Tensor], List[Tensor]]:
         """Every branch is computed even with ``stop_early`` (the exchange units need them all); the last
         exchange unit fuses into the requested levels and what ``_finish_features`` needs: every branch
-        for the neck, else the last level."""
+        for the neck, else the last level. With ``dense_features="neck"`` the levels are the neck's."""
+        if self.dense_features == "neck":
+            levels = self.neck.forward_levels(self.forward_branches(x))
+            return levels, [levels[i] for i in indices]
         last = len(self.feature_info) - 1
         outputs = list(range(last + 1)) if self.neck is not None else sorted(set(indices) | {last})
         xs = self.forward_branches(x, outputs)
@@ -344,20 +365,28 @@ class HRVMamba(MambaBackbone):
 
     def _finish_features(self, state: List[Tensor]) -> Tensor:
         """The classification neck's stride-32 map, or without a neck the last output branch (the stride-4
-        branch of the pose model, the last kept level of a pruned model); NCHW."""
+        branch of the pose model, the last kept level of a pruned model); NCHW. With ``dense_features="neck"``
+        the state is the neck's levels, whose last is its output."""
+        if self.dense_features == "neck":
+            return state[-1]
         return self.neck(state) if self.neck is not None else state[-1]
 
     def _prune_levels(self, indices: List[int], prune_head: bool) -> bool:
         """Once the neck goes (with the head, or when the last level does: it needs every branch), the last
-        exchange unit stops fusing into the branches other than ``indices``; every branch still feeds it."""
-        if indices[-1] == len(self.feature_info) - 1 and not prune_head:
+        exchange unit stops fusing into the branches other than ``indices``; every branch still feeds it.
+        The neck's levels (``dense_features="neck"``) need every branch and the neck: nothing goes."""
+        if self.dense_features == "neck" or indices[-1] == len(self.feature_info) - 1 and not prune_head:
             return False
         getattr(self, f"stage{self.num_stages + 1}")[-1].drop_outputs(indices)
         self.feature_info = self.feature_info[: indices[-1] + 1]
         return True
 
     def _prune_head(self) -> None:
-        """The classification neck goes with the head; the features are then the last output branch."""
+        """The classification neck goes with the head; the features are then the last output branch (with
+        ``dense_features="neck"`` the neck stays: its levels are the features)."""
+        if self.dense_features == "neck":
+            super()._prune_head()
+            return
         self.neck = None
         self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
         super()._prune_head()
@@ -373,6 +402,7 @@ OFFICIAL_KEY_RULES: KeyRules = [
     (r"(\.branches\.\d+\.\d+)\.norm\.", r"\1.norm1."),
     (r"\.op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1"),
     (r"\.op\.", ".mixer."),
+    (r"^outnorm(\d+)\.", r"feature_norms.\1."),  # the segmentation backbone's per-level norms
 ]
 
 
@@ -413,7 +443,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
     if not isinstance(getattr(model, "head", None), nn.Linear):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    return state_dict
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_hrvmamba(variant: str, pretrained: bool = False, **kwargs) -> HRVMamba:

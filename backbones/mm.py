@@ -49,7 +49,9 @@ class MambaLabBackbone(BaseModule):
         self.strides = self.body.feature_info.reduction()
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.body(x))
+        # NCHW-contiguous, as the official backbones return them: the channel-first families' maps come out of
+        # LayerNorm2d channels-last in memory, and mmcv's CPU RoIAlign reads such a tensor as if it were NCHW.
+        return tuple(feature.contiguous() for feature in self.body(x))
 
 
 def register() -> list[str]:

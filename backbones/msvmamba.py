@@ -28,7 +28,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, rename_key, unwrap_state_dict
+from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, rename_key, unwrap_state_dict, with_own_weights
 from ._features import build_backbone, imagenet_cfg
 from .hierarchical import HierarchicalMamba
 from .layers import ChannelGate, ConvDownsample, OverlapStem, PatchMerging, PatchStem
@@ -214,25 +214,27 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     The generation is read from the checkpoint: only v3's overlapping stem has ``patch_embed.5``. v1
     stores the half-resolution SSM parameter set first and ours second, so v1 sets are swapped. Of a
     checkpoint holding both, the ``model`` weights are used; pass ``checkpoint["model_ema"]`` for the
-    EMA ones. A state dict already in our layout passes through unchanged.
+    EMA ones. A state dict already in our layout passes through unchanged. The dense backbone's ``outnorm{i}``
+    become ``feature_norms.{i}``; a model with feature norms keeps its own where the file has none.
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    generation = "v3" if "patch_embed.5.weight" in state_dict else "v1"
-    out = {}
-    for key, value in state_dict.items():
-        key = rename_official_key(key, generation)
-        out[key] = _swap_scale_groups(value) if generation == "v1" and _SSM_KEY.search(key) else value
-    return out
+    if not any(k.startswith("stem.") for k in state_dict):
+        generation = "v3" if "patch_embed.5.weight" in state_dict else "v1"
+        renamed = {}
+        for key, value in state_dict.items():
+            key = rename_official_key(key, generation)
+            renamed[key] = _swap_scale_groups(value) if generation == "v1" and _SSM_KEY.search(key) else value
+        state_dict = renamed
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_msvmamba(variant: str, pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """The hierarchical skeleton with MSVMamba blocks; options other than the skeleton's go to
     ``MSVMambaBlock`` and its ``MultiScaleSS2D`` (``ffn_ratio``, ``ffn_post_norm``, ``d_state``, ``ssm_ratio``,
-    ``gated``, ``norm_each_scale``, ``upsample_mode``, ``scan_backend``, ...)."""
+    ``gated``, ``norm_each_scale``, ``upsample_mode``, ``scan_backend``, ...); ``features_only`` gets the dense
+    backbone's per-level feature norms."""
     return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                          block_layer=MSVMambaBlock, **kwargs)
+                          dense_feature_norms=True, block_layer=MSVMambaBlock, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

@@ -17,7 +17,8 @@ Dense features: ``forward_intermediates`` taps the residual stream after four bl
 segmentation taps 5/11/17/23 of 24), as (B, D, H/s, W/s) maps without the class token. The residual
 stream (block output added to the residual) is what the official Vim-S UperNet script feeds its neck
 (``use_residual_as_feature=True``, ``last_layer_process=add``); the Vim-Ti script's default takes the
-un-normalised mixer output alone, which we do not offer as a second mode. Built with
+un-normalised mixer output alone (``feature_stream="hidden"``); that backbone also has no class token
+(``class_token=False``: one position row per patch). Built with
 ``features_only=True`` the model also gets a simple feature pyramid (BEiT/ViTDet style: transposed
 convs up, identity, max-pool down) that turns the taps into strides 4/8/16/32, so Vim plugs into the
 same dense heads as the hierarchical families; the classifier has no pyramid (its parameter count is
@@ -33,6 +34,7 @@ stride-16 checkpoint into a stride-8 model.
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,7 +43,7 @@ from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import unwrap_state_dict, with_own_weights
 from ._features import MambaBackbone, build_backbone, imagenet_cfg
 from .scan_patterns import BidirectionalScan
 from .ss2d import RouteSSM, resolve_dt_rank
@@ -145,8 +147,10 @@ def _pyramid_level(dim: int, scale: float) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
-    """A (1, M + 1, D) position embedding with the class token at index M // 2, for another patch grid.
+def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int],
+                       class_token: bool = True) -> Tensor:
+    """A (1, M + 1, D) position embedding with the class token at index M // 2 (or, without ``class_token``,
+    a (1, M, D) one), for another patch grid.
 
     The class row is taken out, the M patch rows are resized bicubically as a grid, and the class row is
     put back at the new grid's middle index.
@@ -154,6 +158,10 @@ def resample_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Seq
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     if old_grid == new_grid:
         return pos_embed
+    if not class_token:
+        patches = pos_embed.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False)
+        return patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
     old_middle = old_grid[0] * old_grid[1] // 2
     cls_row = pos_embed[:, old_middle: old_middle + 1]
     patches = torch.cat((pos_embed[:, :old_middle], pos_embed[:, old_middle + 1:]), dim=1)
@@ -200,11 +208,17 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: stochastic depth; block i gets linspace(0, rate, depth)[i - 1] (block 0 none), and
             the last block's output gets ``rate``, as the official model does.
         global_pool: "token" (the middle class token, as released), "avg" (mean of the patch tokens) or
-            "" (all tokens).
-        feature_taps: blocks whose residual stream ``forward_intermediates`` returns (default: the last
-            block of each quarter, i.e. 5/11/17/23 for 24 blocks).
+            "" (all tokens); by default "token" with a class token, else "avg".
+        feature_taps: blocks whose output ``forward_intermediates`` returns (default: the last block of each
+            quarter, i.e. 5/11/17/23 for 24 blocks).
         feature_pyramid: add the stride-4/8/16/32 pyramid over the taps (set for ``features_only``).
         scan_backend: selective-scan backend.
+        class_token: the middle class token (released classifiers); without it, as the official Vim-Ti
+            segmentation backbone (``VisionMambaSeg``, ``if_cls_token=False``), there is no class token and the
+            position embedding has one row per patch (``global_pool`` must then not be "token").
+        feature_stream: what a tap returns: "residual", the residual stream after the block (the official Vim-S
+            UperNet's ``use_residual_as_feature=True``), or "hidden", the block's mixer output alone (the
+            official Vim-Ti UperNet).
     """
 
     global_pools = ("token", "avg", "")
@@ -214,22 +228,27 @@ class VisionMamba(MambaBackbone):
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, stride: int = 16,
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  d_state: int = 16, expand: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
-                 global_pool: str = "token",
+                 global_pool: Optional[str] = None,
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
-                 scan_backend: str = "auto") -> None:
+                 scan_backend: str = "auto", class_token: bool = True, feature_stream: str = "residual") -> None:
         super().__init__()
+        if feature_stream not in ("residual", "hidden"):
+            raise ValueError(f"Vim: feature_stream must be 'residual' or 'hidden', got {feature_stream!r}")
         self.in_chans = in_chans
         self.embed_dim = embed_dim
+        self.feature_stream = feature_stream
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, stride)
         self.grid = self.patch_embed.grid(*to_2tuple(img_size))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + class_token, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth - 1)]
         self.layers = nn.ModuleList(VimBlock(embed_dim, rates[i], d_state=d_state, expand=expand,
                                              scan_backend=scan_backend) for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
+        if global_pool is None:
+            global_pool = "token" if class_token else "avg"
         self._init_classifier(embed_dim, num_classes, drop_rate, global_pool)
         self.feature_taps = list(feature_taps or [depth * (q + 1) // 4 - 1 for q in range(4)])
         self.grad_checkpointing = False
@@ -249,7 +268,8 @@ class VisionMamba(MambaBackbone):
         """The official init: trunc-normal tokens and head, LeCun-normal patch conv, zero linear biases
         (the dt biases keep Mamba's init), and Mamba's rescaled out_proj (kaiming-uniform / sqrt(depth))."""
         trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
         lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         if isinstance(self.head, nn.Linear):
@@ -268,14 +288,22 @@ class VisionMamba(MambaBackbone):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
                                                                          (r"^norm_f", (99999,))])
 
+    def _checked_pool(self, global_pool: str) -> str:
+        if global_pool == "token" and self.cls_token is None:
+            raise ValueError("VisionMamba: global_pool 'token' needs the class token (class_token=True); "
+                             "use 'avg' or ''")
+        return super()._checked_pool(global_pool)
+
     def _tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """Patch tokens with the class token at the middle index and the position embedding added."""
+        """Patch tokens with the class token (if any) at the middle index and the position embedding added."""
         x = self.patch_embed(x)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
-        middle = x.shape[1] // 2
-        x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
-        return self.pos_drop(x + resample_pos_embed(self.pos_embed, self.grid, grid)), grid
+        if self.cls_token is not None:
+            middle = x.shape[1] // 2
+            x = torch.cat((x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1), x[:, middle:]), dim=1)
+        pos_embed = resample_pos_embed(self.pos_embed, self.grid, grid, self.cls_token is not None)
+        return self.pos_drop(x + pos_embed), grid
 
     def _run_block(self, block: VimBlock, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -284,8 +312,8 @@ class VisionMamba(MambaBackbone):
 
     def _forward_levels(self, x: Tensor, indices: List[int],
                         stop_early: bool) -> Tuple[Tuple[Tensor, Tensor], List[Tensor]]:
-        """The residual stream after the tap blocks of ``indices`` as NCHW maps without the class token,
-        through the feature pyramid when the model has one."""
+        """The residual stream (or, with ``feature_stream="hidden"``, the mixer output) after the tap blocks of
+        ``indices`` as NCHW maps without the class token, through the feature pyramid when the model has one."""
         if self.feature_pyramid is not None and any(str(i) not in self.feature_pyramid for i in indices):
             raise ValueError(f"Vim: levels {indices} asked for, but only {list(self.feature_pyramid)} are left "
                              "after prune_intermediate_layers")
@@ -296,16 +324,18 @@ class VisionMamba(MambaBackbone):
         for index, block in enumerate(self.layers[: last_block + 1]):
             hidden, residual = self._run_block(block, hidden, residual)
             if index in taps:
-                stream = residual + hidden
-                middle = stream.shape[1] // 2
-                tokens = torch.cat((stream[:, :middle], stream[:, middle + 1:]), dim=1)
+                tokens = residual + hidden if self.feature_stream == "residual" else hidden
+                if self.cls_token is not None:
+                    middle = tokens.shape[1] // 2
+                    tokens = torch.cat((tokens[:, :middle], tokens[:, middle + 1:]), dim=1)
                 feature = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
                 maps.append(self.feature_pyramid[str(taps[index])](feature) if self.feature_pyramid is not None
                             else feature)
         return (hidden, residual), maps
 
     def _finish_features(self, state: Tuple[Tensor, Tensor]) -> Tensor:
-        """All tokens after the final add and norm, (B, M + 1, D), the class token at index M // 2."""
+        """All tokens after the final add and norm, (B, M + 1, D) with the class token at index M // 2 (or
+        (B, M, D) without one)."""
         hidden, residual = state
         return self.norm_f((residual + self.drop_path(hidden)).to(hidden.dtype))
 
@@ -321,12 +351,15 @@ class VisionMamba(MambaBackbone):
         return False
 
     def _pool(self, x: Tensor) -> Tensor:
-        """(B, M + 1, D) tokens -> the middle class token ("token"), the mean of the others ("avg"), or all."""
+        """(B, M + 1, D) tokens -> the middle class token ("token"), the mean of the others ("avg"), or all;
+        without a class token "avg" is the mean of all tokens."""
         middle = (x.shape[1] - 1) // 2
         if self.global_pool == "token":
             return x[:, middle]
-        if self.global_pool == "avg":
+        if self.global_pool == "avg" and self.cls_token is not None:
             return torch.cat((x[:, :middle], x[:, middle + 1:]), dim=1).mean(dim=1)
+        if self.global_pool == "avg":
+            return x.mean(dim=1)
         return x
 
 
@@ -350,18 +383,24 @@ def _backward_name(name: str) -> str:
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tensor]:
-    """Convert a released Vim checkpoint (``{'model': ..., 'args': Namespace}``) to this module's keys.
+    """Convert a released Vim checkpoint (``{'model': ..., 'args': Namespace}``) or the backbone of the official
+    UperNet (``VisionMambaSeg``, mmseg 0.x) to this module's keys.
 
     Top-level names (``patch_embed``, ``cls_token``, ``pos_embed``, ``layers.i.{norm,mixer.in_proj,
     mixer.out_proj}``, ``norm_f``, ``head``) are kept; each block's forward/backward tensors
     (``x_proj``/``x_proj_b``, ``dt_proj``/``dt_proj_b``, ``A_log``/``A_b_log``, ``D``/``D_b``,
-    ``conv1d``/``conv1d_b``) are stacked into the two routes. The position embedding is resampled when
-    the model's grid differs (a stride-16 checkpoint into a stride-8 model). A model with a feature
-    pyramid keeps its own (initial) pyramid weights. A state dict already in our layout passes through.
+    ``conv1d``/``conv1d_b``) are stacked into the two routes; the segmentation backbone's ``fpn1``-``fpn4`` are
+    our ``feature_pyramid.0``-``3``. The position embedding is resampled when the model's grid differs (a
+    stride-16 checkpoint into a stride-8 model), and its class row is taken out for a model without a class
+    token. A model with a feature pyramid keeps its own (initial) pyramid weights where the file has none; a
+    feature extractor (no final norm) drops ``norm_f``. The rotary-embedding buffers some files carry
+    (``rope.*``, fixed functions of the grid, saved whether or not the model used them) are dropped: a model
+    trained with ``if_rope=True`` (the official Vim-S UperNet) is not what this module computes. A state dict
+    already in our layout passes through.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(".mixer.ssm." in key for key in state_dict):
-        return _with_own_pyramid(dict(state_dict), model)
+        return with_own_weights(state_dict, model, "feature_pyramid.")
     out: Dict[str, Tensor] = {}
     backward_names = {_backward_name(name) for name in _STACKED}
     for key, value in state_dict.items():
@@ -369,23 +408,26 @@ def checkpoint_filter_fn(state_dict: Dict, model: VisionMamba) -> Dict[str, Tens
         if name in _STACKED:
             target, join = _STACKED[name]
             out[f"{prefix}.mixer.{target}"] = join((value, state_dict[f"{prefix}.mixer.{_backward_name(name)}"]))
-        elif name not in backward_names:
-            out[key] = value
+        elif name not in backward_names and not key.startswith("rope."):
+            out[re.sub(r"^fpn(\d)\.", lambda m: f"feature_pyramid.{int(m[1]) - 1}.", key)] = value
+    if not isinstance(getattr(model, "norm_f", None), nn.RMSNorm):  # a feature extractor has no final norm
+        out.pop("norm_f.weight", None)
     if "pos_embed" in out:
-        stored = out["pos_embed"].shape[1] - 1
+        has_class = "cls_token" in out
+        if model.cls_token is not None and not has_class:
+            raise ValueError("Vim checkpoint: the file has no class token (a segmentation backbone); build the "
+                             "model with class_token=False")
+        stored = out["pos_embed"].shape[1] - has_class
         side = math.isqrt(stored)
         if side * side != stored:
             raise ValueError(f"Vim checkpoint: pos_embed has {stored} patch rows, not a square grid")
-        out["pos_embed"] = resample_pos_embed(out["pos_embed"], (side, side), model.grid)
-    return _with_own_pyramid(out, model)
-
-
-def _with_own_pyramid(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Fill in the model's own feature-pyramid weights where the file has none (classifier checkpoints)."""
-    if getattr(model, "feature_pyramid", None) is not None:
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("feature_pyramid.")}
-        state_dict.update({k: v for k, v in own.items() if k not in state_dict})
-    return state_dict
+        pos_embed = resample_pos_embed(out["pos_embed"], (side, side), model.grid, has_class)
+        if has_class and model.cls_token is None:
+            middle = model.grid[0] * model.grid[1] // 2
+            pos_embed = torch.cat((pos_embed[:, :middle], pos_embed[:, middle + 1:]), dim=1)
+            del out["cls_token"]
+        out["pos_embed"] = pos_embed
+    return with_own_weights(out, model, "feature_pyramid.")
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:

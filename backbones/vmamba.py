@@ -17,7 +17,7 @@ from typing import Dict
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, rename_key, unwrap_state_dict, vmamba_generation
+from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, rename_key, unwrap_state_dict, vmamba_generation, with_own_weights
 from ._features import build_backbone, imagenet_cfg
 from .hierarchical import HierarchicalMamba
 from .layers import ConvDownsample, OverlapStem, PatchMerging, PatchStem, VSSBlock
@@ -34,20 +34,22 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
 
     No tensor changes shape. Of a checkpoint holding ``model`` and ``model_ema``, the ``model`` weights
     are used; pass ``checkpoint["model_ema"]`` for the EMA ones. A state dict in our layout passes through.
+    The dense backbone's ``outnorm{i}`` become ``feature_norms.{i}``; a model with feature norms keeps its own
+    where the file has none (a classifier checkpoint).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith("stem.") for k in state_dict):
-        return state_dict
-    rules = OFFICIAL_KEY_RULES[vmamba_generation(state_dict)]
-    return {rename_key(k, rules): v for k, v in state_dict.items()}
+    if not any(k.startswith("stem.") for k in state_dict):
+        rules = OFFICIAL_KEY_RULES[vmamba_generation(state_dict)]
+        state_dict = {rename_key(k, rules): v for k, v in state_dict.items()}
+    return with_own_weights(state_dict, model, "feature_norms.")
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> HierarchicalMamba:
     """The hierarchical skeleton with VSS blocks; options other than the skeleton's go to ``VSSBlock`` and its
     ``SS2D`` (``d_state``, ``ssm_ratio``, ``dt_rank``, ``d_conv``, ``conv_bias``, ``gated``, ``mlp_ratio``,
-    ``scan_backend``)."""
+    ``scan_backend``); ``features_only`` gets the dense backbone's per-level feature norms."""
     return build_backbone(HierarchicalMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                          block_layer=VSSBlock, **kwargs)
+                          dense_feature_norms=True, block_layer=VSSBlock, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

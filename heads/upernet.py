@@ -11,7 +11,7 @@ with ``strict=True``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,3 +187,13 @@ class UperNet(nn.Module):
         if self.auxiliary_head is None:
             return None
         return self.auxiliary_head(features[self.aux_index])
+
+
+# The keys of mmseg's EncoderDecoder (0.x and 1.x name them alike) that are UperNet's: this module keeps mmseg's
+# module names, so its key table is the identity on these prefixes (the backbone's keys follow the family's rules).
+MMSEG_PREFIXES = ("decode_head.", "auxiliary_head.")
+
+
+def from_mmseg(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The UperNet part of an mmseg segmentor's state dict (``decode_head.*``, ``auxiliary_head.*``)."""
+    return {k: v for k, v in state_dict.items() if k.startswith(MMSEG_PREFIXES)}

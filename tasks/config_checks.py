@@ -4,6 +4,8 @@ Three tables: ``VALUE_RULES`` (what a value must be), ``FILLED_BY_RUN`` (argumen
 config value would be silently replaced) and ``COMPONENT_GROUPS`` (where components with a ``_target_`` live;
 each key of one must be an argument its target accepts, or the recorded ``config.yaml`` would claim a setting
 that never reached the code). ``INPUT_FOLDER_KEYS`` lists data folders that must exist when given explicitly.
+A backbone with ``pretrained=true`` must name converted weights on disk, and ``weights`` (weights without training
+state) must exist and not come with ``ckpt_path`` (which would replace them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def positive_int(value: Any) -> bool:
     return _int(value) and value > 0
 
 
+def existing_path(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and Path(value).expanduser().exists()
+
+
 def positive_size(value: Any) -> bool:
     """One positive integer, or a (height, width)-like list of them."""
     if isinstance(value, (list, tuple, ListConfig)):
@@ -53,6 +59,7 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.max_epochs", lambda v: v is None or (_int(v) and v >= -1), "an integer >= -1 (-1: no limit)"),
     ("trainer.max_steps", lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: no limit)"),
     ("trainer.accumulate_grad_batches", positive_int, "a positive integer"),
+    ("weights", existing_path, "an existing folder written by tools.convert, its model.safetensors or a run's .ckpt"),
 )
 
 # Arguments run.build_task / build_trainer pass to each group's component (a config value would be replaced).
@@ -89,6 +96,11 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs=-1 with trainer.max_steps=-1 gives the run no length, but "
                           f"scheduler={scheduler.get('_target_')} is laid out over the run's steps: set "
                           "trainer.max_epochs or trainer.max_steps, or scheduler=null")
+    weights, ckpt_path = _select(cfg, "weights"), _select(cfg, "ckpt_path")
+    if weights is not None and ckpt_path is not None:
+        raise ConfigError(f"weights={weights} with ckpt_path={ckpt_path}: the checkpoint restores the whole model (and "
+                          "in training the optimiser and epoch), so the weights would be replaced; give one of them "
+                          "(to resume a run that started from weights, ckpt_path alone)")
 
 
 def components(node: Any, key: str) -> Iterator[tuple[str, DictConfig]]:
@@ -115,6 +127,10 @@ def check_backbone_options(key: str, node: DictConfig, filled: Sequence[str]) ->
         backbones.family_of(node.name)
     except ValueError as err:
         raise ConfigError(f"{key}.name={node.name!r}: {err}") from err
+    try:
+        backbones.require_local_weights(node.name, bool(options.get("pretrained")), options)
+    except (OSError, RuntimeError) as err:
+        raise ConfigError(f"{key}.pretrained=true: {err}") from err
     try:
         backbones.create_backbone(node.name, **{**options, "pretrained": False}, device="meta")
     except TypeError as err:

@@ -130,7 +130,7 @@ def test_cli_round_trip_through_timm_local_dir_and_pretrained_file(tmp_path, cap
     assert main([str(path), "test_vmamba", "--out", str(tmp_path / "converted")]) == 0
     assert "test_vmamba (vmamba rules)" in capsys.readouterr().out
     folder = tmp_path / "converted"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".mambalab-manifest.json", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "test_vmamba" and config["num_classes"] == 5
     assert config["pretrained_cfg"]["first_conv"] == "stem.conv1"
@@ -145,23 +145,18 @@ def test_cli_round_trip_through_timm_local_dir_and_pretrained_file(tmp_path, cap
         torch.testing.assert_close(from_file(x), expected(x), rtol=0, atol=0)
 
 
-class NotAllowed:
-    """Any class other than argparse.Namespace inside a checkpoint must be refused."""
-
-
-def test_unsafe_pickles_are_refused_and_bad_files_named(tmp_path, capsys):
-    path = tmp_path / "unsafe.pth"
-    torch.save({"model": vmamba_official(**TEST_VMAMBA, num_classes=5), "args": argparse.Namespace(a=1),
-                "extra": NotAllowed()}, path)
-    assert main([str(path), "test_vmamba", "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert f"checkpoint {path} cannot be read safely" in err and "NotAllowed" in err
-    assert not (tmp_path / "out").exists()
+def test_bad_files_and_arguments_are_named(tmp_path, capsys):
+    """Unsafe pickles are refused in tests/test_safe_load.py; here, files that are not checkpoints at all."""
+    path = tmp_path / "official.pth"
+    torch.save({"model": vmamba_official(**TEST_VMAMBA, num_classes=5)}, path)
     assert main([str(tmp_path / "nope.pth"), "test_vmamba"]) == 1
     assert f"{tmp_path / 'nope.pth'}: no such file" in capsys.readouterr().err
     (tmp_path / "text.pth").write_text("not a checkpoint")
     assert main([str(tmp_path / "text.pth"), "test_vmamba"]) == 1
     assert f"checkpoint {tmp_path / 'text.pth'} cannot be read safely" in capsys.readouterr().err
+    torch.save([torch.ones(1)], tmp_path / "list.pth")
+    assert main([str(tmp_path / "list.pth"), "test_vmamba"]) == 1
+    assert "holds a list, not a state dict" in capsys.readouterr().err
     assert main([str(path), "test_vmamba", "--model-arg", "oops"]) == 1
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
@@ -277,7 +272,8 @@ def test_export_of_a_run_checkpoint_loads_through_local_dir_and_pretrained_file(
     head = torch.nn.Linear(backbone.num_features, 4)
     ckpt = _run_checkpoint(tmp_path / "last.ckpt", backbone, [("head", head)])
     out = export_checkpoint(ckpt, "test_vmamba", tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mambalab-manifest.json", "README.md", "config.json",
+                                                     "model.safetensors"]
     card = (out / "README.md").read_text()
     assert "test_vmamba" in card and "input_size" in card and "license: apache-2.0" in card
     x = torch.randn(2, 1, 32, 32)

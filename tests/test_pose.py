@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from tasks.pose_eval import (
 )
 from tests.conftest import CONF_DIR, compose_config, run_cli
 from tests.pose_fixtures import make_coco_keypoints
+from tests.test_safe_load import Payload
 
 pytest.importorskip("pycocotools", reason="pycocotools is needed for COCO keypoint data and AP")
 
@@ -590,19 +592,28 @@ def test_mmpose_0x_deconvolution_head_converts_too():
     torch.testing.assert_close(heatmaps.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-class Unreadable:
-    """A class a checkpoint may pickle, which the safe loader must refuse to rebuild."""
+class TrainingState:
+    """A class a checkpoint may pickle (mmengine's message_hub): read as an inert record, never rebuilt."""
+
+    def __init__(self) -> None:
+        self.log = [1.0, 2.0]
 
 
 def test_pose_checkpoint_files_are_read_safely(tmp_path):
-    from tools.convert_pose import convert_pose_main, load_pose_checkpoint
+    from tools.convert import load_official
+    from tools.convert_pose import convert_pose_main
+    from tools.safe_load import Opaque
 
     checkpoint = official_pose_checkpoint("test_hrvmamba")
     torch.save(checkpoint, tmp_path / "with_meta.pth")
-    assert load_pose_checkpoint(tmp_path / "with_meta.pth")["meta"]["dataset_meta"]["flip_indices"] == COCO_FLIP
-    torch.save(dict(checkpoint, message_hub=Unreadable()), tmp_path / "training_state.pth")
-    with pytest.raises(ValueError, match="Unreadable"):
-        load_pose_checkpoint(tmp_path / "training_state.pth")
+    assert load_official(tmp_path / "with_meta.pth")["meta"]["dataset_meta"]["flip_indices"] == COCO_FLIP
+    torch.save(dict(checkpoint, message_hub=TrainingState()), tmp_path / "training_state.pth")
+    state = load_official(tmp_path / "training_state.pth")["message_hub"]
+    assert isinstance(state, Opaque) and state.source.endswith("TrainingState") and state.state == {"log": [1.0, 2.0]}
+    assert convert_pose_main(tmp_path / "training_state.pth", "test_hrvmamba", tmp_path / "from_state.ckpt") == 0
+    torch.save(dict(checkpoint, message_hub=Payload(os.system, f"touch {tmp_path / 'marker'}")), tmp_path / "evil.pth")
+    assert convert_pose_main(tmp_path / "evil.pth", "test_hrvmamba", tmp_path / "evil.ckpt") == 1
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "evil.ckpt").exists()
     headless = {"state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}}
     torch.save(headless, tmp_path / "backbone_only.pth")
     assert convert_pose_main(tmp_path / "backbone_only.pth", "test_hrvmamba", tmp_path / "x.ckpt") == 1

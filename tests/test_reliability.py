@@ -322,6 +322,56 @@ def test_last_picks_the_newest_run_of_the_same_backbone_and_experiment(tmp_path,
         resolve_checkpoint("last", tmp_path, {"backbone": "vmamba_tiny_s1l8", "experiment": None})
 
 
+# ---- weights without training state (weights=) and pretrained backbones ----------------------------------------
+
+def test_weights_that_cannot_be_used_are_refused_before_anything_is_made(fashion_dir, tmp_path):
+    """A missing weights= path, weights= with ckpt_path (which would replace them) and pretrained=true without
+    converted weights are config errors, raised before any folder exists."""
+    with pytest.raises(ConfigError, match=re.escape("weights='nowhere/model.safetensors' (str): must be an existing "
+                                                    "folder written by tools.convert")):
+        check_config(compose_config(["weights=nowhere/model.safetensors"], tmp_path))
+    ckpt = fake_checkpoint(tmp_path / "run.ckpt", "test_vmamba")
+    with pytest.raises(ConfigError, match=re.escape(f"weights={ckpt} with ckpt_path={ckpt}: the checkpoint restores "
+                                                    "the whole model")):
+        check_config(compose_config([f"weights={ckpt}", f"ckpt_path={ckpt}"], tmp_path))
+    with pytest.raises(ConfigError, match=re.escape("backbone.pretrained=true: test_vmamba: pretrained=True needs the "
+                                                    "official checkpoint converted with tools.convert")):
+        check_config(compose_config(["backbone=test_vmamba", "backbone.pretrained=true"], tmp_path))
+    missing = tmp_path / "converted" / "model.safetensors"
+    with pytest.raises(ConfigError, match=re.escape(f"pretrained weights file {missing} (pretrained_cfg_overlay.file) "
+                                                    "does not exist")):
+        check_config(compose_config(["backbone=test_vmamba", "backbone.pretrained=true",
+                                     f"+backbone.pretrained_cfg_overlay.file={missing}"], tmp_path))
+    result = run_cli(tiny(fashion_dir, None, "mode=eval", f"weights={tmp_path / 'nope'}"), cwd=tmp_path)
+    assert result.returncode != 0 and f"weights='{tmp_path / 'nope'}' (str): must be an existing" in output(result)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_weights_from_a_run_checkpoint_load_strictly_and_name_a_foreign_or_broken_one(fashion_dir, tmp_path):
+    """weights=<a run's .ckpt>: the task's weights and nothing else; the backbone its run recorded must be this
+    run's, and an incomplete file is named, as for ckpt_path."""
+    from run import build_task
+    from tasks.weights import load_task_weights
+
+    cfg = compose_config(["backbone=test_vmamba", f"data.data_dir={fashion_dir}", "data.num_workers=0"], tmp_path)
+    torch.manual_seed(0)
+    _, source = build_task(cfg)
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": source.state_dict(), "mambalab": {"backbone": "test_vmamba", "experiment": None}}, path)
+    torch.manual_seed(1)
+    datamodule, task = build_task(cfg)
+    load_task_weights(task, path, "test_vmamba", cfg.head._target_, datamodule)
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in task.state_dict().items())
+    foreign = fake_checkpoint(tmp_path / "femto.ckpt", "vmamba_femto", experiment="fashion_mnist_vmamba")
+    with pytest.raises(ValueError, match=re.escape(f"weights={foreign} was written by a run of experiment="
+                                                   "fashion_mnist_vmamba and holds backbone 'vmamba_femto' (this "
+                                                   "run: 'test_vmamba')")):
+        load_task_weights(task, foreign, "test_vmamba", cfg.head._target_, datamodule)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=re.escape(f"weights={path}: not a complete checkpoint")):
+        load_task_weights(task, path, "test_vmamba", cfg.head._target_, datamodule)
+
+
 # ---- which data is read (issue item 9) ----------------------------------------------------------------------
 
 def test_missing_data_folder_given_on_the_command_line_is_refused(tmp_path):

@@ -258,8 +258,10 @@ def test_features_only_matches_feature_info_and_forward_intermediates(name):
         picked = subset(x)
     torch.testing.assert_close(picked, [features[1], features[last]])
     # The wrapper's maps are the classifier's intermediates when both describe the same levels (Vim's
-    # features_only adds a pyramid, so its levels differ from its classifier's).
-    full = build(name)
+    # features_only adds a pyramid, so its levels differ from its classifier's), normalised by the same per-level
+    # norms where the family's dense backbone has them (VMamba, MSVMamba, EfficientVMamba).
+    has_norms = getattr(model.model, "feature_norms", None) is not None
+    full = build(name, **({"feature_norms": True} if has_norms else {}))
     full_info = FeatureInfo(full.feature_info, list(range(len(full.feature_info))))
     if (full_info.channels(), full_info.reduction()) == (model.feature_info.channels(), model.feature_info.reduction()):
         full.load_state_dict({k[len("model."):]: v for k, v in model.state_dict().items()}, strict=False)

@@ -86,15 +86,24 @@ def test_selective_scan_is_one_call_in_a_traced_graph():
 @pytest.mark.parametrize("name", TEST_VARIANTS)
 def test_fx_feature_extraction_matches_forward_intermediates(name):
     """features_only with feature_cls='fx' (timm.models.create_feature_extractor on feature_info's module
-    names) gives the getter's maps; Vim, whose levels no module returns, refuses it with a clear error."""
+    names) gives the getter's maps. A model whose levels no module returns refuses it with a clear error: Vim
+    (taps of the residual stream), and VMamba, MSVMamba and EfficientVMamba with the per-level feature norms
+    their features_only models have (applied after the stages, outside ``forward``); without those norms
+    (``feature_norms=False``) their levels are the stages' outputs, which the FX extractor gives."""
     torch.manual_seed(0)
     getter = timm.create_model(name, features_only=True).eval()
-    if not type(getter.model).level_modules:
+    options = {}
+    if not getter.model.level_modules:
         with pytest.raises(ValueError, match="feature_cls='getter' only, got 'fx'"):
             timm.create_model(name, features_only=True, feature_cls="fx")
-        return
+        if getattr(getter.model, "feature_norms", None) is None:
+            return
+        options = dict(feature_norms=False)
+        torch.manual_seed(0)
+        getter = timm.create_model(name, features_only=True, **options).eval()
+        assert getter.model.level_modules
     torch.manual_seed(0)
-    fx = timm.create_model(name, features_only=True, feature_cls="fx").eval()
+    fx = timm.create_model(name, features_only=True, feature_cls="fx", **options).eval()
     assert fx.feature_info.channels() == getter.feature_info.channels()
     x = _input(getter)
     with torch.no_grad():

@@ -6,12 +6,17 @@
     python -m tools.convert efficient_vmamba_tiny.ckpt efficientvmamba_tiny --ema
     python -m tools.convert hrvmamba_small_pose.pth hrvmamba_small --model-arg multiscale_output=False
 
-The file is read with ``torch.load(weights_only=True)``; if it holds an ``argparse.Namespace`` (Vim stores
-its training arguments), it is read again allowing that one class and nothing else. The keys are renamed
+The file is read with a restricted unpickler (``tools.safe_load``): tensors and plain containers are rebuilt,
+the training state official scripts save beside the weights (yacs configs, optimizer and scaler state,
+mmengine's meta and message hub) is kept as inert placeholders without importing yacs or mmengine, and a
+file that would run code is refused. The summary says where the weights were found (``--ema`` takes
+``model_ema``, ``state_dict_ema``, ``ema_model`` or the EMA hooks' copies). The keys are renamed
 by the ``checkpoint_filter_fn`` of the family that registers the variant (the family file is the only
 place that knows its official layout), the weights are loaded into our model with ``strict=True``, and
 the folder gets ``model.safetensors`` + ``config.json`` in timm's Hugging Face layout, written to a
-temporary folder first and renamed into place. Use the result (after ``import backbones``) with
+temporary folder first and moved into place. ``--out`` must be a new or empty folder or an earlier output of
+the tool; ``--force`` writes beside a user's files, never over them (``tools.output_folder``). Use the result
+(after ``import backbones``) with
 ``timm.create_model("local-dir:<folder>", pretrained=True)``, with
 ``timm.create_model(<variant>, pretrained=True, pretrained_cfg_overlay=dict(file="<folder>/model.safetensors"))``
 (add ``num_classes=<n>`` to the model and the overlay when the classifier is not ImageNet-1k's) or in run.py
@@ -24,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import pickle
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -39,10 +41,21 @@ from timm.models import save_for_hf
 from torch import Tensor, nn
 
 import backbones
-from backbones._checkpoint import unwrap_state_dict
+from backbones._checkpoint import STATE_DICT_KEYS, unwrap_state_dict
+from tools.convert_dense import (
+    DenseConversion,
+    convert_dense,
+    default_out,
+    dense_framework,
+    openmmlab_checkpoint,
+    write_task_weights,
+)
+from tools.output_folder import check_output_folder, write_output_folder
+from tools.safe_load import describe, load_checkpoint
 
-# Keys of the EMA weights in the official training checkpoints (Swin-style trainers and EfficientVMamba's).
-EMA_KEYS = ("model_ema", "state_dict_ema")
+# Where the official trainers keep EMA weights: Swin-style trainers (VMamba, MSVMamba, HRVMamba) and DeiT's (Vim)
+# ``model_ema``, timm's train script ``state_dict_ema``, EfficientVMamba's trainer ``ema_model``.
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema_model")
 
 
 @dataclass
@@ -55,44 +68,64 @@ class Conversion:
     renamed: int
     parameters: int
     num_classes: int
+    weights_from: str = "the file"
+    not_converted: str = ""
     out_dir: Optional[Path] = None
 
     def summary(self) -> str:
         where = f" -> {self.out_dir}" if self.out_dir else ""
-        return (f"{self.variant} ({self.family} rules): {self.tensors} tensors, {self.renamed} renamed, "
-                f"{self.parameters / 1e6:.2f} M parameters, {self.num_classes} classes, loaded strict{where}")
+        lines = [f"{self.variant} ({self.family} rules) from {self.weights_from}: {self.tensors} tensors, "
+                 f"{self.renamed} renamed, {self.parameters / 1e6:.2f} M parameters, {self.num_classes} classes, "
+                 f"loaded strict{where}"]
+        if self.not_converted:
+            lines.append(f"also in the file, not converted: {self.not_converted}")
+        return "\n".join(lines)
 
 
 def load_official(path: Path) -> dict:
-    """Read a checkpoint safely: tensors and containers only, plus ``argparse.Namespace`` (Vim's ``args``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "argparse.Namespace" not in str(err):
-                raise
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refused or the file is not a torch checkpoint
-        raise ValueError(f"checkpoint {path} cannot be read safely (weights_only=True, argparse.Namespace "
-                         f"allowed): {err}") from err
+    """Read an official checkpoint with the restricted unpickler of ``tools.safe_load``: tensors and containers
+    are rebuilt, training state the authors saved with them (yacs configs, mmengine log buffers, numpy arrays)
+    is kept inert, and a file that would run code is refused."""
+    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise ValueError(f"checkpoint {path} holds a {describe(checkpoint)}, not a state dict")
     return checkpoint
 
 
-def select_weights(checkpoint: dict, ema: bool) -> dict:
-    """The EMA weights when asked (named error if the file has none), else the checkpoint as it is."""
+def other_contents(checkpoint: dict, used: str) -> str:
+    """The checkpoint's other top-level entries, for the user: "optimizer (dict of 2), config (yacs...)"."""
+    return ", ".join(f"{key} ({describe(value)})" for key, value in checkpoint.items() if key != used)
+
+
+def select_weights(checkpoint: dict, ema: bool) -> tuple[dict, str, str]:
+    """The weights to convert, the file's top-level key holding them and, for the user, where they were found.
+
+    The EMA weights when asked (an error naming what the file holds if it has none), else the plain ones.
+    mmengine's ``EMAHook`` saves the averaged weights in ``state_dict`` itself (and the raw ones in
+    ``ema_state_dict``); mmcv 1.x's adds ``ema_<name with _ for .>`` copies of the parameters to ``state_dict``.
+    """
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and "ema_state_dict" in checkpoint:
+        return checkpoint, "state_dict", ("state_dict, where mmengine's EMAHook keeps the averaged weights (the "
+                                          "raw ones are in ema_state_dict)")
+    mmcv_ema = {k: v for k, v in state.items() if k.startswith("ema_")} if isinstance(state, dict) else {}
+    if mmcv_ema:
+        plain = {k: v for k, v in state.items() if not k.startswith("ema_")}
+        if not ema:
+            return {"state_dict": plain}, "state_dict", (f"state_dict (without its {len(mmcv_ema)} ema_ copies; "
+                                                         f"--ema uses them)")
+        averaged = {k: mmcv_ema.get("ema_" + k.replace(".", "_"), v) for k, v in plain.items()}
+        swapped = sum("ema_" + k.replace(".", "_") in mmcv_ema for k in plain)
+        return {"state_dict": averaged}, "state_dict", (f"the ema_ copies in state_dict (mmcv's EMAHook: {swapped} "
+                                                        f"of {len(plain)} tensors averaged, buffers as trained)")
     if not ema:
-        return checkpoint
+        used = next((key for key in STATE_DICT_KEYS if isinstance(checkpoint.get(key), dict)), None)
+        return checkpoint, used or "", used or "the file (a bare state dict)"
     for key in EMA_KEYS:
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    raise KeyError(f"--ema: the checkpoint has no EMA weights (looked for {', '.join(EMA_KEYS)}; "
-                   f"it has {', '.join(map(str, checkpoint))})")
+            return checkpoint[key], key, f"{key} (EMA)"
+    raise KeyError(f"--ema: the checkpoint has no EMA weights (looked for {', '.join(EMA_KEYS)}, mmengine's "
+                   f"ema_state_dict and mmcv's ema_ keys; it holds {other_contents(checkpoint, '')})")
 
 
 def family_filter(variant: str) -> tuple[ModuleType, Callable[[dict, nn.Module], Dict[str, Tensor]]]:
@@ -175,7 +208,7 @@ def convert_state_dict(checkpoint: dict, variant: str, ema: bool = False,
     if variant not in backbones.list_backbones():
         raise ValueError(f"unknown variant {variant!r}; available: {', '.join(backbones.list_backbones())}")
     family, filter_fn = family_filter(variant)
-    weights = select_weights(checkpoint, ema)
+    weights, weights_key, weights_from = select_weights(checkpoint, ema)
     model, converted = _converted(weights, variant, **model_args)
     num_classes = classifier_classes(converted, model)
     model = _build(variant, meta=True, num_classes=num_classes, **model_args)
@@ -187,28 +220,23 @@ def convert_state_dict(checkpoint: dict, variant: str, ema: bool = False,
     source_keys = set(unwrap_state_dict(weights))
     summary = Conversion(variant=variant, family=family.__name__.rsplit(".", 1)[-1], tensors=len(converted),
                          renamed=len(set(converted) - source_keys),
-                         parameters=sum(p.numel() for p in model.parameters()), num_classes=num_classes)
+                         parameters=sum(p.numel() for p in model.parameters()), num_classes=num_classes,
+                         weights_from=weights_from,
+                         not_converted=other_contents(checkpoint, weights_key) if weights_key else "")
     return model.eval(), summary
 
 
-def save_model_folder(model: nn.Module, out_dir: Path,
-                      write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_model_folder(model: nn.Module, out_dir: Path, write_extra: Optional[Callable[[Path], None]] = None,
+                      tool: str = "tools.convert", force: bool = False, source: Optional[str] = None) -> Path:
     """``model.safetensors`` + ``config.json`` (timm's Hugging Face layout) and whatever ``write_extra``
-    adds, written atomically: into a temporary folder beside ``out_dir``, then renamed over it."""
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_for_hf(model, str(staging), safe_serialization=True)
+    adds, written into ``out_dir`` without touching any file the tool did not write (``tools.output_folder``)."""
+
+    def write(folder: Path) -> None:
+        save_for_hf(model, str(folder), safe_serialization=True)
         if write_extra is not None:
-            write_extra(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out_dir
+            write_extra(folder)
+
+    return write_output_folder(out_dir, write, tool, force, source)
 
 
 def parse_model_args(items: List[str]) -> Dict[str, Any]:
@@ -225,16 +253,45 @@ def parse_model_args(items: List[str]) -> Dict[str, Any]:
     return args
 
 
+def convert_dense_file(checkpoint: dict, args: argparse.Namespace) -> DenseConversion:
+    """tools.convert for an mmseg / mmdet checkpoint: the task weights run.py loads with ``weights=``."""
+    if args.model_arg:
+        raise ValueError("--model-arg builds a classifier; for a UperNet / Mask R-CNN file pass the backbone's "
+                         "arguments as run.py overrides, e.g. --override backbone.drop_path_rate=0.2")
+    weights, _, weights_from = select_weights(checkpoint, args.ema)
+    weights = unwrap_state_dict(weights)
+    task_sd, conversion = convert_dense(checkpoint, weights, weights_from, args.variant, args.checkpoint.name,
+                                        args.experiment, args.override)
+    description = conversion.description()
+    openmmlab = openmmlab_checkpoint(task_sd, weights, description) if args.openmmlab else None
+    conversion.out_dir = write_output_folder(args.out or default_out(conversion),
+                                             lambda folder: write_task_weights(task_sd, description, folder, openmmlab),
+                                             "tools.convert", args.force, args.checkpoint.name)
+    return conversion
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="official checkpoint file (.pth/.ckpt)")
-    parser.add_argument("variant", help="our model name (python -c 'import backbones; "
+    parser.add_argument("variant", help="our backbone name (python -c 'import backbones; "
                                         "print(backbones.list_backbones())')")
-    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>)")
-    parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema / state_dict_ema)")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>, or ./<recipe>_<variant> for "
+                                                 "UperNet / Mask R-CNN files); a new folder, an empty one or an "
+                                                 "earlier output of this tool")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
+                                                              "write (its files are never replaced)")
+    parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema, state_dict_ema, "
+                                                           "ema_model, mmengine/mmcv EMA hooks)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
+    parser.add_argument("--experiment", help="UperNet / Mask R-CNN files: the run.py experiment to convert for "
+                                             "(default: ade20k_upernet_<variant> / coco_maskrcnn_1x_<variant>)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="UperNet / Mask R-CNN files: a run.py override of that experiment, repeatable")
+    parser.add_argument("--openmmlab", action="store_true",
+                        help="UperNet / Mask R-CNN files: also write openmmlab.pth for mmseg/mmdet configs with "
+                             "MambaLabBackbone (docs/mm)")
     parser.add_argument("--pose", action="store_true", help="an mmpose top-down pose checkpoint: convert its heatmap "
                         "head too and write a run.py checkpoint to --out (tools.convert_pose)")
     args = parser.parse_args(argv)
@@ -243,12 +300,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return convert_pose_main(args.checkpoint, args.variant, args.out, args.ema, args.model_arg)
     try:
+        if args.out is not None:
+            check_output_folder(args.out, "tools.convert", args.force)
+        checkpoint = load_official(args.checkpoint)
+        if dense_framework(unwrap_state_dict(select_weights(checkpoint, args.ema)[0])):
+            print(convert_dense_file(checkpoint, args).summary())
+            return 0
+        if args.experiment or args.override:
+            raise ValueError(f"--experiment/--override apply to UperNet / Mask R-CNN checkpoints; {args.checkpoint} "
+                             f"has no mmseg decode_head or mmdet roi_head keys")
+        out_dir = args.out or Path(args.variant)
+        check_output_folder(out_dir, "tools.convert", args.force)
         model_args = parse_model_args(args.model_arg)
-        model, conversion = convert_state_dict(load_official(args.checkpoint), args.variant, args.ema, **model_args)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+        model, conversion = convert_state_dict(checkpoint, args.variant, args.ema, **model_args)
+        conversion.out_dir = save_model_folder(model, out_dir, force=args.force, source=args.checkpoint.name)
+    except (FileNotFoundError, KeyError, ValueError) as err:  # OutputFolderError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
-    conversion.out_dir = save_model_folder(model, args.out or Path(args.variant))
     print(conversion.summary())
     return 0
 

@@ -11,9 +11,9 @@ keypoint count and deconvolutions read from the file. The output holds ``state_d
 (timm ``features_only`` model) and ``head.`` keys of ``tasks.PoseTask``, so ``run.py mode=eval`` evaluates the
 official model; it is written to a temporary file and renamed, and an existing file is never replaced.
 
-mmengine checkpoints keep the dataset metadata (numpy arrays) under ``meta``: numpy's array and scalar
-reconstruction is allowed on top of ``tools.convert``'s safe loading, nothing else. A file that still holds
-training state pickled with mmengine classes (``message_hub``) fails with the classes named.
+The file is read by ``tools.convert.load_official`` (``tools.safe_load``): mmengine's ``meta`` (numpy arrays of
+the dataset metadata) and ``message_hub`` training state load as inert records, and a file naming anything that
+would run code is refused before anything from it runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import timm
 import torch
 from torch import nn
@@ -34,12 +33,6 @@ from torch import nn
 import backbones
 from heads.pose import TopdownHeatmapHead, pose_head_state_dict
 from tools.convert import Conversion, convert_state_dict, load_official, parse_model_args, select_weights
-
-# numpy's array/scalar reconstruction as mmengine's ``meta`` pickles it (numpy 2 names and numpy 1's).
-NUMPY_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, np._core.multiarray.scalar,
-                 (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-                 (np._core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-NUMPY_GLOBALS += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
 
 
 @dataclass
@@ -58,23 +51,6 @@ class PoseConversion:
                 f"({self.backbone.renamed} renamed, {self.backbone.parameters / 1e6:.2f} M parameters), heatmap head "
                 f"{self.head_tensors} tensors ({self.deconvolutions} deconvolutions, {self.keypoints} keypoints), "
                 f"loaded strict{where}")
-
-
-def load_pose_checkpoint(path: Path) -> dict:
-    """``tools.convert.load_official`` that also accepts numpy arrays and scalars (mmengine's ``meta``)."""
-    with torch.serialization.safe_globals(NUMPY_GLOBALS):
-        try:
-            return load_official(path)
-        except ValueError as err:
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            except Exception:  # not a zip checkpoint: the original error says more
-                unsafe = []
-            if not unsafe:
-                raise
-            raise ValueError(f"checkpoint {path} holds objects of {', '.join(unsafe)}, which are not read (they could "
-                             f"run code); keep only its weights where you trust the file, e.g. "
-                             f"torch.save({{'state_dict': ckpt['state_dict']}}, 'weights.pth')") from err
 
 
 def _head_shape(head_weights: Dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
@@ -101,7 +77,7 @@ def convert_pose_checkpoint(checkpoint: dict, variant: str, ema: bool = False,
     backbone, conversion = convert_state_dict(checkpoint, variant, ema, **model_args)
     features = timm.create_model(variant, features_only=True, **model_args)
     features.model.load_state_dict(backbone.state_dict(), strict=True)
-    head_weights = pose_head_state_dict(select_weights(checkpoint, ema))
+    head_weights = pose_head_state_dict(select_weights(checkpoint, ema)[0])
     in_channels, num_deconv, width, keypoints = _head_shape(head_weights)
     channels = features.feature_info.channels()
     levels = [i for i, c in enumerate(channels) if c == in_channels]
@@ -142,7 +118,7 @@ def convert_pose_main(checkpoint: Path, variant: str, out: Optional[Path], ema: 
                       model_arg: Optional[List[str]] = None) -> int:
     """Convert and save as the command line asks; 0 on success, 1 with the error printed."""
     try:
-        backbone, head, conversion = convert_pose_checkpoint(load_pose_checkpoint(checkpoint), variant, ema,
+        backbone, head, conversion = convert_pose_checkpoint(load_official(checkpoint), variant, ema,
                                                              **parse_model_args(model_arg or []))
         conversion.out_path = save_pose_checkpoint(backbone, head, out or Path(f"{variant}_pose.ckpt"))
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:

@@ -17,8 +17,9 @@ The weights come from either
 
 The folder holds timm's Hugging Face layout (``config.json`` + ``model.safetensors``, written by timm's
 ``save_for_hf``), a model card ``README.md`` with the pretrained cfg, and with ``--onnx`` ``model.onnx``
-(dynamic batch, input ``images``); everything is written into a temporary folder that is then renamed into
-place. After ``import backbones`` either of these rebuilds the network:
+(dynamic batch, input ``images``); everything is written into a temporary folder and then moved into place,
+never over a file the tool did not write (``--out`` as in ``tools.convert``: new, empty or an earlier output;
+``--force`` writes beside a user's files). After ``import backbones`` either of these rebuilds the network:
 ``timm.create_model("local-dir:<folder>", pretrained=True)``, or ``timm.create_model(<variant>,
 pretrained=True, num_classes=<n>, pretrained_cfg_overlay=dict(file="<folder>/model.safetensors",
 num_classes=<n>))`` (without the overlay's ``num_classes``, timm assumes 1000 and drops another classifier).
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 import backbones
 from backbones._checkpoint import unwrap_state_dict
 from tools.convert import classifier_classes, save_model_folder
+from tools.output_folder import check_output_folder
 
 # Prefixes a run's backbone may carry: torch.compile's wrapper, then timm's feature wrapper (dense runs).
 _WRAPPERS = ("_orig_mod.", "model.")
@@ -199,7 +201,7 @@ def export_onnx(model: nn.Module, path: Path) -> None:
 
 
 def export_checkpoint(checkpoint_path: Path, variant: str, out_dir: Path, onnx: bool = False,
-                      push_to_hub: Optional[str] = None) -> Path:
+                      push_to_hub: Optional[str] = None, force: bool = False) -> Path:
     """Write ``variant`` with the checkpoint's weights to ``out_dir``; with ``push_to_hub``, upload it too."""
     model, notes = load_model(Path(checkpoint_path), variant)
     card = {}
@@ -211,7 +213,8 @@ def export_checkpoint(checkpoint_path: Path, variant: str, out_dir: Path, onnx: 
         if onnx:
             export_onnx(model, folder / "model.onnx")
 
-    out = save_model_folder(model, Path(out_dir), write_extra)
+    out = save_model_folder(model, Path(out_dir), write_extra, tool="tools.export", force=force,
+                            source=Path(checkpoint_path).name)
     for note in notes:
         print(f"note: {note}")
     if push_to_hub:
@@ -225,13 +228,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by run.py, or a model.safetensors/.pth "
                                                       "in our layout")
     parser.add_argument("variant", help="the backbone (a run's backbone.name)")
-    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>-export)")
+    parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>-export); a new folder, an "
+                                                 "empty one or an earlier output of this tool")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
+                                                              "write (its files are never replaced)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload with timm's push_to_hf_hub")
     args = parser.parse_args(argv)
+    out_dir = args.out or Path(f"{args.variant}-export")
     try:
-        out = export_checkpoint(args.checkpoint, args.variant, args.out or Path(f"{args.variant}-export"),
-                                args.onnx, args.push_to_hub)
+        check_output_folder(out_dir, "tools.export", args.force)
+        out = export_checkpoint(args.checkpoint, args.variant, out_dir, args.onnx, args.push_to_hub, args.force)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
