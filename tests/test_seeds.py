@@ -65,14 +65,45 @@ def test_summary_files_never_replace_a_file_the_tool_did_not_write(tmp_path):
     assert (out / "summary.md").read_text() == "my notes\n"
 
 
+def tiny_run(data: Path) -> list[str]:
+    """Overrides of a run of a few batches on the Fashion-MNIST fixture."""
+    return [f"data.data_dir={data}", "data.num_workers=0", "data.batch_size=8", "data.val_size=16",
+            "backbone=test_vmamba", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "callbacks.rich_progress_bar=null",
+            "print_config=false"]
+
+
+def test_a_seed_folder_that_is_neither_finished_nor_resumable_is_named_and_kept(tmp_path):
+    (tmp_path / "seed_1").mkdir()
+    (tmp_path / "seed_1" / "notes.txt").write_text("mine\n")
+    with pytest.raises(RuntimeError, match="seed_1 exists but holds neither a finished run"):
+        main(["run", "--seeds", "1", "--out", str(tmp_path), "--", "experiment=demo_medical_brain"])
+    assert (tmp_path / "seed_1" / "notes.txt").read_text() == "mine\n"
+
+
+@pytest.mark.slow
+def test_an_interrupted_seed_resumes_in_its_folder_with_its_history(tmp_path, capsys):
+    """A run stopped before its test (here: no test batches) is resumed from its last.ckpt, not collected as a
+    finished run nor started afresh; the rows it logged stay in its metrics.csv."""
+    data = make_fashion_mnist(tmp_path / "fashion")
+    out = tmp_path / "seeds"
+    untested = [*tiny_run(data), "trainer.limit_test_batches=0"]
+    with pytest.raises(ValueError, match="no test/ metrics"):
+        main(["run", "--seeds", "4", "--out", str(out), "--", *untested])
+    before = (out / "seed_4" / "metrics.csv").read_text().splitlines()
+    assert (out / "seed_4" / "checkpoints" / "last.ckpt").is_file() and len(before) > 1
+    capsys.readouterr()
+    assert main(["run", "--seeds", "4", "--out", str(out), "--", *tiny_run(data)]) == 0
+    assert "was interrupted: resuming seed 4" in capsys.readouterr().out
+    after = (out / "seed_4" / "metrics.csv").read_text().splitlines()
+    assert len(after) > len(before) and json.loads((out / "summary.json").read_text())["metrics"]["test/loss"]
+
+
 @pytest.mark.slow
 def test_three_seeds_of_a_tiny_run_end_to_end(tmp_path, capsys):
     data = make_fashion_mnist(tmp_path / "fashion")
     out = tmp_path / "seeds"
-    tiny = [f"data.data_dir={data}", "data.num_workers=0", "data.batch_size=8", "data.val_size=16",
-            "backbone=test_vmamba", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "callbacks.rich_progress_bar=null",
-            "print_config=false"]
+    tiny = tiny_run(data)
     assert main(["run", "--seeds", "1", "2", "3", "--out", str(out), "--", *tiny]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["seed_1", "seed_2", "seed_3", "summary.json", "summary.md"]
     summary = json.loads((out / "summary.json").read_text())

@@ -5,7 +5,8 @@
 
 ``run`` starts ``python run.py <overrides> seed=<s> ++data.seed=<s> hydra.run.dir=<out>/seed_<s>`` for each seed
 in turn (``--fixed-data-seed`` keeps the data config's own seed, which fixes the data order, split and
-augmentation), skipping seeds whose folder already exists, so an interrupted sweep resumes. ``collect`` reads run
+augmentation). A seed whose run finished is collected, not run again; an interrupted one resumes from its
+``last.ckpt`` in its own folder, so a stopped sweep continues where it was. ``collect`` reads run
 folders (or sweep folders holding them). Each run's metrics are the last value of each column of its Lightning
 ``metrics.csv`` (every ``test/`` column unless ``--metrics`` names others) and its seed is read from its
 ``config.yaml``. The summary is printed, and with ``--out`` written as ``summary.md`` (a table and a Markdown row
@@ -161,17 +162,33 @@ def write_summary(out: Path, summary: dict[str, dict], label: str, percent: bool
                              indent=2) + "\n", ours_js)
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` got as far as its test metrics."""
+    metrics = run_dir / "metrics.csv"
+    return metrics.is_file() and any(key.startswith("test/") for key in last_values(metrics))
+
+
 def run_seeds(overrides: Sequence[str], seeds: Sequence[int], out: Path, vary_data: bool = True) -> list[Path]:
-    """Run ``run.py <overrides>`` once per seed into ``<out>/seed_<s>``; existing folders are kept and reused."""
+    """Run ``run.py <overrides>`` once per seed into ``<out>/seed_<s>``. A finished run's folder is collected as it
+    is; an interrupted one (no test metrics yet) resumes from its ``checkpoints/last.ckpt`` in the same folder, its
+    history kept; a folder with neither is named and left alone."""
     folders = []
     for seed in seeds:
         run_dir = out / f"seed_{seed}"
         folders.append(run_dir)
-        if run_dir.exists():
+        resume = []
+        if finished(run_dir):
             print(f"[seeds] {run_dir} exists: collecting it instead of running seed {seed} again", flush=True)
             continue
+        if run_dir.exists():
+            checkpoint = run_dir / "checkpoints" / "last.ckpt"
+            if not checkpoint.is_file():
+                raise RuntimeError(f"{run_dir} exists but holds neither a finished run (test metrics in metrics.csv) "
+                                   f"nor checkpoints/last.ckpt to resume from; remove it or choose another --out")
+            print(f"[seeds] {run_dir} was interrupted: resuming seed {seed} from {checkpoint}", flush=True)
+            resume = [f"ckpt_path={checkpoint}"]
         command = [sys.executable, str(ROOT / "run.py"), *overrides, f"seed={seed}",
-                   *([f"++data.seed={seed}"] if vary_data else []), f"hydra.run.dir={run_dir}"]
+                   *([f"++data.seed={seed}"] if vary_data else []), f"hydra.run.dir={run_dir}", *resume]
         print(f"[seeds] seed {seed}: {' '.join(command[1:])}", flush=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         if subprocess.run(command, env=env).returncode != 0:
