@@ -219,3 +219,13 @@ def test_prune_config_composes_checks_and_trains(tmp_path, fashion_dir):
     bad = compose_config(["backbone=test_vim", "+prune=test_vim", "backbone.prune.keep_ratio=0"], tmp_path)
     with pytest.raises(ConfigError, match=r"backbone.*prune.keep_ratio=0"):
         check_config(bad)
+
+
+def test_benchmark_model_suffix_builds_the_paper_settings():
+    from tools import benchmark
+
+    model = benchmark.build_model("vim_tiny_patch16_224:torch+prune=naive:0.75", torch.device("cpu"))
+    assert model.prune == PruneConfig(keep_ratio=0.75, layers=(9, 19), mode="naive", train=True)
+    assert model.layers[0].mixer.ssm.scan_backend == "torch"
+    with pytest.raises(ValueError, match="no pruning settings"):
+        benchmark.prune_option("vmamba_tiny_s1l8", "aligned:0.8")
