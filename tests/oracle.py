@@ -7,14 +7,20 @@ import math
 import torch
 
 
-def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Step-by-step float64 evaluation of h_t = exp(dt A) h + dt B u, y = C h + D u (times silu z)."""
+def _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The inputs in float64, delta turned into the step size (bias added, softplus applied)."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    batch, channels, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias.double()[:, None]
     if delta_softplus:
         delta = torch.where(delta > 20, delta, torch.log1p(torch.exp(delta)))
+    return u, delta, A, B, C
+
+
+def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Step-by-step float64 evaluation of h_t = exp(dt A) h + dt B u, y = C h + D u (times silu z)."""
+    u, delta, A, B, C = _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, channels, length = u.shape
     groups = 1 if B.dim() == 3 else B.shape[1]
     per_group = channels // groups
     y = torch.zeros(batch, channels, length, dtype=torch.float64)
@@ -45,12 +51,8 @@ def oracle_aligned_scan(u, delta, A, B, C, positions, D=None, z=None, delta_bias
     its own dt, a pruned index only decays the state, exp(dt_prev A) h, with dt_prev the step of the last
     kept token before it (it has no token, hence no input); outputs are read at kept indices.
     """
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    u, delta, A, B, C = _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, channels, length = u.shape
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        delta = torch.where(delta > 20, delta, torch.log1p(torch.exp(delta)))
     y = torch.zeros(batch, channels, length, dtype=torch.float64)
     for b in range(batch):
         kept = {int(p): t for t, p in enumerate(positions[b])}
