@@ -229,3 +229,11 @@ def test_benchmark_model_suffix_builds_the_paper_settings():
     assert model.layers[0].mixer.ssm.scan_backend == "torch"
     with pytest.raises(ValueError, match="no pruning settings"):
         benchmark.prune_option("vmamba_tiny_s1l8", "aligned:0.8")
+
+
+def test_a_model_without_class_token_prunes_every_token_by_importance():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim", num_classes=5, img_size=64, class_token=False,
+                              prune=dict(keep_ratio=0.5, layers=[0])).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(2, 3, 64, 64)).shape[1] == 8  # 16 patches, no class token
