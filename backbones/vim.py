@@ -340,7 +340,7 @@ class VisionMamba(MambaBackbone):
         hidden, _ = self._tokens(x)
         batch, length = hidden.shape[:2]
         positions = torch.arange(length, device=hidden.device).expand(batch, -1)
-        cls_position = length // 2 if self.cls_token is not None else None
+        cls_position = (length - 1) // 2 if self.cls_token is not None else None  # M // 2 of M patches
         cls_index = None if cls_position is None else positions[:, cls_position]
         ratios = dict(zip(self.prune.layers, self.prune.keep_ratio))
         aligned = self.prune.mode == "aligned"

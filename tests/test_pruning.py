@@ -153,30 +153,32 @@ def make_vim(prune=None, seed=0, img_size=64, step=None):
     return model
 
 
-def test_keep_ratio_one_equals_the_unpruned_model_exactly():
-    x = torch.randn(2, 3, 64, 64)
-    plain = make_vim().eval()
-    pruned = make_vim(dict(keep_ratio=1.0, layers=[0, 1, 2])).eval()
+@pytest.mark.parametrize("img_size", [64, 48])  # 16 or 9 patches: the class token at M // 2 either way
+def test_keep_ratio_one_equals_the_unpruned_model_exactly(img_size):
+    x = torch.randn(2, 3, img_size, img_size)
+    plain = make_vim(img_size=img_size).eval()
+    pruned = make_vim(dict(keep_ratio=1.0, layers=[0, 1, 2]), img_size=img_size).eval()
     pruned.load_state_dict(plain.state_dict())
     with torch.no_grad():
         assert torch.equal(pruned(x), plain(x))
 
 
 def test_aligned_and_naive_pruning_differ_and_only_eval_prunes_without_train():
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     plain = make_vim(step=0.1).eval()
     models = {mode: make_vim(dict(keep_ratio=0.5, layers=[0, 1], mode=mode), step=0.1).eval()
               for mode in ("aligned", "naive")}
     with torch.no_grad():
         # Compared: the last block's mixer output (an untrained model's logits are dominated by the shared
         # embedding), with the skips D = 0 so that it is the scans' state part alone. At dt 0.1 a skipped position
-        # decays the state by exp(-0.1..-0.4): the two modes differ by ~100 % of the output (measured 98 %).
+        # decays the state by exp(-0.1..-0.4): the two modes differ by 26-28 % of the output (measured over model
+        # seeds; 8-130 % over other step sizes), against fp32 rounding of ~1e-6.
         for model in (plain, *models.values()):
             for block in model.layers:
                 block.mixer.ssm.Ds.zero_()
         out = {mode: m._forward_pruned(x)[0] for mode, m in models.items()}
         scale = out["naive"].abs().max()
-        assert (out["aligned"] - out["naive"]).abs().max() > 0.2 * scale
+        assert (out["aligned"] - out["naive"]).abs().max() > 0.05 * scale
         models["aligned"].train()  # training-free: training runs unpruned
         torch.testing.assert_close(models["aligned"](x), plain.train()(x), rtol=0, atol=0)
 
