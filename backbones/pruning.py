@@ -9,8 +9,9 @@ follows a different neighbourhood. The paper's two parts, as this module and the
   still decay the state (``backbones.ssm.selective_scan(..., positions=...)``). ``mode="naive"`` scans the
   kept tokens as if they were adjacent: the baseline the alignment must beat.
 - SSM-adapted token importance: the clipped (ReLU'd) channel values of the mixer's SSM output, summed over
-  channels (``token_importance``). The authors' released code reads the backward direction's gated output;
-  here the gated output of both directions (what the out projection receives) is scored -- an assumption.
+  channels (``token_importance``). The authors' released code reads the backward direction's gated output (with
+  its clamp commented out); here the gated output of both directions (what the out projection receives) is
+  clipped and scored, as the paper describes -- which output exactly is an assumption.
 
 Settings (``PAPER_SETTINGS``) follow the authors' released Vim scripts: keep 80 % of the patch tokens after
 blocks 10 and 20 (Vim-T) or 5, 10 and 15 (Vim-S), counted from 1; fine-tuning runs 30 epochs at lr 5e-6 from
