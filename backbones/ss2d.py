@@ -82,12 +82,13 @@ class RouteSSM(nn.Module):
         return (self.x_proj_weight[routes], self.dt_projs_weight[routes], -torch.exp(A_logs.float()), Ds,
                 self.dt_projs_bias[routes].flatten())
 
-    def forward(self, xs: Tensor, routes: slice = slice(None)) -> Tensor:
+    def forward(self, xs: Tensor, routes: slice = slice(None), positions: Optional[Tensor] = None) -> Tensor:
         """(batch, K', d_inner, length) -> same shape.
 
         ``routes`` picks the K' parameter sets the input routes use (all K by default). Route groups
         of different lengths (e.g. a full- and a half-resolution scan) thus share one stacked
-        parameter layout and run as separate calls.
+        parameter layout and run as separate calls. ``positions`` (batch, K', length): for pruned
+        sequences, each route's tokens' unpruned indices (``selective_scan``'s aligned scan).
         """
         batch, num_routes, channels, length = xs.shape
         x_proj, dt_proj, A, Ds, dt_bias = self._parameter_sets(routes, num_routes, channels)
@@ -104,6 +105,7 @@ class RouteSSM(nn.Module):
             delta_bias=dt_bias,
             delta_softplus=True,
             backend=self.scan_backend,
+            positions=positions,
         )
         return ys.reshape(batch, num_routes, channels, length)
 

@@ -40,6 +40,14 @@ Choosing and observing the scan for a region of code (both thread-local, like ``
 - ``with observe(callback): ...`` calls ``callback(ScanCall)`` after every eager scan call with the
   backend that ran, the shapes, dtype, device and the call's wall-clock time.
 
+Pruned sequences (token pruning, Zhan et al., NeurIPS 2024, arXiv:2409.18962): ``positions`` (the paper's
+"position map") gives each token's index in the unpruned sequence. The scan then keeps the hidden state
+aligned with the unpruned one by letting every pruned position between two kept tokens still decay the
+state, with the step size of the kept token before it and no input (see ``aligned_inputs``). Every
+backend runs aligned calls: the alignment is an exact reparametrisation of (u, delta) applied before
+dispatch, so the backend's own forward/backward (chunked torch, fused kernel, mamba-ssm) is reused and
+autograd differentiates the reparametrisation.
+
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
 at least float32 (float64 inputs stay float64, so gradcheck is exact); the output is returned in the
 dtype of ``u``.
@@ -606,6 +614,51 @@ def scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     return _finish(_readout(torch.stack(states, dim=-1), C.to(dtype)), uc, D, z, u.dtype)
 
 
+def position_gaps(positions: Tensor, groups: int) -> Tensor:
+    """Pruned positions skipped before each token of the scan, (batch, groups or 1, 1, length), from ``positions``.
+
+    ``positions``: (batch, length) or (batch, groups, length) indices of the tokens in the unpruned sequence,
+    strictly monotonic along the scan (increasing for a forward scan, decreasing for a reversed one). The
+    gap before token t is |p_t - p_{t-1}| - 1; before the first token it is 0 (the state starts at zero,
+    so decaying it changes nothing).
+    """
+    if positions.dim() == 2:
+        positions = positions.unsqueeze(1)
+    if positions.dim() != 3 or positions.shape[1] not in (1, groups):
+        raise ValueError(f"positions must be (batch, length) or (batch, {groups}, length); "
+                         f"got {tuple(positions.shape)}")
+    steps = (positions[..., 1:] - positions[..., :-1]).abs()
+    if not is_tracing(positions) and bool((steps < 1).any()):
+        raise ValueError("positions must be strictly monotonic along the scan (each token at its own unpruned index)")
+    return F.pad(steps - 1, (1, 0)).unsqueeze(2)
+
+
+def aligned_inputs(u: Tensor, delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
+                   gaps: Tensor) -> tuple[Tensor, Tensor]:
+    """(u', delta') for which the plain scan runs the pruning-aware recurrence (no bias, no softplus left).
+
+    The recurrence (Zhan et al., 2024, Sec. 4 "pruning-aware hidden state alignment": pruned tokens keep
+    their place in the scan and carry the state of the previous unpruned token, so the remaining tokens
+    see the position gap): with dt = softplus(delta + bias) and g_t pruned positions before kept token t,
+    the g_t pruned positions decay the state with the previous kept token's step dt_{t-1} and add no input::
+
+        h_t = exp(A (dt_t + g_t dt_{t-1})) h_{t-1} + dt_t B_t u_t
+
+    The plain scan computes exp(A dt'_t) h_{t-1} + dt'_t B_t u'_t, so dt' = dt + g dt_{t-1} and
+    u' = u dt / dt' reproduce it exactly (dt' >= dt > 0; where softplus underflows to dt = dt' = 0 the
+    input term is 0 either way). ``gaps``: (batch, groups, 1, length) from ``position_gaps``. Assumption
+    (the paper's text was not at hand): the skipped positions use the step of the kept token before them in
+    scan order, as the authors' position-map kernel repeats the previous unpruned token's state.
+    """
+    dtype = compute_dtype(u)
+    batch, channels, length = u.shape
+    dt = _step_size(delta, delta_bias, delta_softplus, dtype).view(batch, gaps.shape[1], -1, length)
+    aligned_dt = dt.clone()
+    aligned_dt[..., 1:].addcmul_(gaps[..., 1:].to(dtype), dt[..., :-1])
+    ratio = dt / aligned_dt.clamp_min(torch.finfo(dtype).tiny)
+    return ratio.mul_(u.to(dtype).view_as(ratio)).view(u.shape), aligned_dt.view(u.shape)
+
+
 def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     formulation = scan_oddeven if is_tracing(u) else scan_chunked
     return formulation(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -814,19 +867,35 @@ def observed(run: Callable[[], Tensor], call: ScanCall) -> Tensor:
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                   delta_softplus: bool = False, backend: str = "auto") -> Tensor:
-    """Run the selective scan with mamba-ssm's argument convention (see the module docstring)."""
+                   delta_softplus: bool = False, backend: str = "auto", positions: Optional[Tensor] = None) -> Tensor:
+    """Run the selective scan with mamba-ssm's argument convention (see the module docstring).
+
+    ``positions``: for a pruned sequence, each token's index in the unpruned one, (batch, length) or
+    (batch, groups, length); the scan then runs the pruning-aware aligned recurrence (``aligned_inputs``).
+    """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} "
                          f"and {tuple(delta.shape)}")
     if A.shape[0] != u.shape[1]:
         raise ValueError(f"A has {A.shape[0]} channels but u has {u.shape[1]}")
     name, impl = _chosen(backend, u)
+    if positions is None:
+        def run() -> Tensor:
+            return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    else:
+        if positions.shape[-1] != u.shape[-1] or positions.shape[0] != u.shape[0]:
+            raise ValueError(f"positions {tuple(positions.shape)} do not match u {tuple(u.shape)}")
+        gaps = position_gaps(positions, 1 if B.dim() == 3 else B.shape[1])
+
+        def run() -> Tensor:
+            aligned_u, aligned_dt = aligned_inputs(u, delta, delta_bias, delta_softplus, gaps)
+            y = impl(aligned_u, aligned_dt, A, B, C, None, None, None, False)
+            return _finish(y, u.to(y.dtype), D, z, u.dtype)
     if not _observers.get():
-        return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return run()
     call = ScanCall(name, u.shape[0], u.shape[1], u.shape[2], A.shape[1], 1 if B.dim() == 3 else B.shape[1],
                     D is not None, z is not None, u.dtype, u.device, 0.0)
-    return observed(lambda: impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus), call)
+    return observed(run, call)
 
 
 def selective_scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: bool = True,

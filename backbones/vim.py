@@ -29,6 +29,12 @@ with the class-token row taken out at its middle position and put back at the ne
 official ``interpolate_pos_embed`` assumes a leading class token and mixes the middle one into the
 grid; we do not copy that). ``checkpoint_filter_fn`` converts the released checkpoints, including a
 stride-16 checkpoint into a stride-8 model.
+
+Token pruning (``prune=``, Zhan et al., NeurIPS 2024; ``backbones.pruning``): after the configured blocks the
+least important patch tokens are dropped (the class token never is), and in "aligned" mode the later blocks'
+scans run the pruning-aware aligned recurrence over the kept tokens' unpruned positions. After the last block
+the class token is moved back to the middle index, so pooling and the head are unchanged. A pruned forward
+pass has no dense feature maps.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from torch import Tensor, nn
 
 from ._checkpoint import unwrap_state_dict, with_own_weights
 from ._features import MambaBackbone, build_backbone, imagenet_cfg
+from .pruning import PruneConfig, gather_tokens, select_tokens, token_importance
 from .scan_patterns import BidirectionalScan
 from .ss2d import RouteSSM, resolve_dt_rank
 
@@ -77,18 +84,25 @@ class BiMambaMixer(nn.Module):
         self.ssm = RouteSSM(d_inner, routes, d_state, resolve_dt_rank(dt_rank, dim), scan_backend=scan_backend)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None,
+                with_importance: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """(batch, L, dim) -> (batch, L, dim); with ``with_importance`` also each token's pruning importance
+        (batch, L) from the gated SSM output. ``positions`` (batch, L): the tokens' unpruned indices, for the
+        pruning-aware aligned scan (the backward route scans them reversed)."""
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.ssm.uses_fused_routes(x):
+        if positions is None and self.ssm.uses_fused_routes(x):
             y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape
             routes = self.conv1d(routes.reshape(batch, num_routes * channels, length))[..., :length]
             routes = self.act(routes).view(batch, num_routes, channels, length)
-            y = self.pattern.merge(self.ssm(routes), (length,))
-        return self.out_proj(y.transpose(1, 2) * F.silu(z))
+            route_positions = None if positions is None else self.pattern.scan(positions.unsqueeze(1))[:, :, 0]
+            y = self.pattern.merge(self.ssm(routes, positions=route_positions), (length,))
+        gated = y.transpose(1, 2) * F.silu(z)
+        out = self.out_proj(gated)
+        return (out, token_importance(gated)) if with_importance else out
 
     def _conv_in_token_order(self, x: Tensor) -> Tensor:
         """Both directions' conv + act in token order, for the fused kernel: (batch, L, d) -> (batch, 2, d, L).
@@ -126,10 +140,15 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Optional[Tensor], positions: Optional[Tensor] = None,
+                with_importance: bool = False) -> Tuple[Tensor, ...]:
+        """``positions`` and ``with_importance`` are the mixer's (token pruning); with the latter the tokens'
+        importance is returned third."""
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
-        return hidden, residual.float()
+        mixed = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), positions, with_importance)
+        if with_importance:
+            return mixed[0], residual.float(), mixed[1]
+        return mixed, residual.float()
 
 
 def _pyramid_level(dim: int, scale: float) -> nn.Module:
@@ -219,6 +238,8 @@ class VisionMamba(MambaBackbone):
         feature_stream: what a tap returns: "residual", the residual stream after the block (the official Vim-S
             UperNet's ``use_residual_as_feature=True``), or "hidden", the block's mixer output alone (the
             official Vim-Ti UperNet).
+        prune: token pruning (``backbones.pruning.PruneConfig`` or a mapping of its fields: keep_ratio, layers,
+            mode "aligned"/"naive", train), or None.
     """
 
     global_pools = ("token", "avg", "")
@@ -230,8 +251,10 @@ class VisionMamba(MambaBackbone):
                  d_state: int = 16, expand: int = 2, drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  global_pool: Optional[str] = None,
                  feature_taps: Optional[Sequence[int]] = None, feature_pyramid: bool = False,
-                 scan_backend: str = "auto", class_token: bool = True, feature_stream: str = "residual") -> None:
+                 scan_backend: str = "auto", class_token: bool = True, feature_stream: str = "residual",
+                 prune: Union[None, PruneConfig, Dict] = None) -> None:
         super().__init__()
+        self.prune = PruneConfig.parse(prune, depth)
         if feature_stream not in ("residual", "hidden"):
             raise ValueError(f"Vim: feature_stream must be 'residual' or 'hidden', got {feature_stream!r}")
         self.in_chans = in_chans
@@ -305,10 +328,44 @@ class VisionMamba(MambaBackbone):
         pos_embed = resample_pos_embed(self.pos_embed, self.grid, grid, self.cls_token is not None)
         return self.pos_drop(x + pos_embed), grid
 
-    def _run_block(self, block: VimBlock, hidden: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _run_block(self, block: VimBlock, hidden: Tensor, residual: Optional[Tensor],
+                   *pruning: Union[Optional[Tensor], bool]) -> Tuple[Tensor, ...]:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(block, hidden, residual, use_reentrant=False)
-        return block(hidden, residual)
+            return torch.utils.checkpoint.checkpoint(block, hidden, residual, *pruning, use_reentrant=False)
+        return block(hidden, residual, *pruning)
+
+    def _forward_pruned(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """All blocks with token pruning after ``prune.layers``; (hidden, residual) with the class token moved
+        back to the middle index. Until a step actually drops a token the scans are the unpruned ones."""
+        hidden, _ = self._tokens(x)
+        batch, length = hidden.shape[:2]
+        positions = torch.arange(length, device=hidden.device).expand(batch, -1)
+        cls_position = (length - 1) // 2 if self.cls_token is not None else None  # M // 2 of M patches
+        cls_index = None if cls_position is None else positions[:, cls_position]
+        ratios = dict(zip(self.prune.layers, self.prune.keep_ratio))
+        aligned = self.prune.mode == "aligned"
+        residual = None
+        for index, block in enumerate(self.layers):
+            scan_positions = positions if aligned and positions.shape[1] < length else None
+            out = self._run_block(block, hidden, residual, scan_positions, index in ratios)
+            hidden, residual = out[0], out[1]
+            if index in ratios:
+                kept = select_tokens(out[2], ratios[index], cls_index)
+                hidden, residual, positions = (gather_tokens(t, kept) for t in (hidden, residual, positions))
+                if cls_position is not None:
+                    cls_index = (positions < cls_position).sum(1)
+        if cls_index is not None:
+            hidden, residual = (self._class_to_middle(t, cls_index) for t in (hidden, residual))
+        return hidden, residual
+
+    @staticmethod
+    def _class_to_middle(tokens: Tensor, cls_index: Tensor) -> Tensor:
+        """Move each sample's class token (at ``cls_index``) to index (L - 1) // 2, the others keeping their order."""
+        length = tokens.shape[1]
+        order = torch.arange(length, device=tokens.device).expand(tokens.shape[0], -1)
+        key = (order - (order > cls_index[:, None]).long()).float()  # rank among the other tokens
+        key = key.masked_fill(order == cls_index[:, None], (length - 1) // 2 - 0.5)
+        return gather_tokens(tokens, key.argsort(dim=1, stable=True))
 
     def _forward_levels(self, x: Tensor, indices: List[int],
                         stop_early: bool) -> Tuple[Tuple[Tensor, Tensor], List[Tensor]]:
@@ -317,6 +374,11 @@ class VisionMamba(MambaBackbone):
         if self.feature_pyramid is not None and any(str(i) not in self.feature_pyramid for i in indices):
             raise ValueError(f"Vim: levels {indices} asked for, but only {list(self.feature_pyramid)} are left "
                              "after prune_intermediate_layers")
+        if self.prune is not None and self.prune.active(self.training):
+            if indices:
+                raise ValueError("Vim: a model with token pruning (prune=...) has no dense feature maps; build it "
+                                 "with prune=None for forward_intermediates / features_only")
+            return self._forward_pruned(x), []
         taps = {self.feature_taps[i]: i for i in indices}
         last_block = self.feature_taps[indices[-1]] if stop_early else len(self.layers) - 1
         hidden, grid = self._tokens(x)

@@ -7,14 +7,20 @@ import math
 import torch
 
 
-def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Step-by-step float64 evaluation of h_t = exp(dt A) h + dt B u, y = C h + D u (times silu z)."""
+def _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus):
+    """The inputs in float64, delta turned into the step size (bias added, softplus applied)."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    batch, channels, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias.double()[:, None]
     if delta_softplus:
         delta = torch.where(delta > 20, delta, torch.log1p(torch.exp(delta)))
+    return u, delta, A, B, C
+
+
+def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Step-by-step float64 evaluation of h_t = exp(dt A) h + dt B u, y = C h + D u (times silu z)."""
+    u, delta, A, B, C = _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, channels, length = u.shape
     groups = 1 if B.dim() == 3 else B.shape[1]
     per_group = channels // groups
     y = torch.zeros(batch, channels, length, dtype=torch.float64)
@@ -33,5 +39,40 @@ def oracle_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                 if z is not None:
                     zt = z[b, d, t].double()
                     out = out * zt / (1 + math.exp(-zt))
+                y[b, d, t] = out
+    return y
+
+
+def oracle_aligned_scan(u, delta, A, B, C, positions, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The pruning-aware aligned scan (Zhan et al., NeurIPS 2024) stepped over the UNPRUNED sequence in float64.
+
+    ``positions`` (batch, length) are the kept tokens' unpruned indices, increasing (ungrouped B/C). Every
+    unpruned index from the first kept one to the last is visited: a kept index runs the ordinary step with
+    its own dt, a pruned index only decays the state, exp(dt_prev A) h, with dt_prev the step of the last
+    kept token before it (it has no token, hence no input); outputs are read at kept indices.
+    """
+    u, delta, A, B, C = _float64_steps(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, channels, length = u.shape
+    y = torch.zeros(batch, channels, length, dtype=torch.float64)
+    for b in range(batch):
+        kept = {int(p): t for t, p in enumerate(positions[b])}
+        first, last = int(positions[b, 0]), int(positions[b, -1])
+        for d in range(channels):
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            dt_prev = None
+            for index in range(first, last + 1):
+                if index not in kept:
+                    h = torch.exp(dt_prev * A[d]) * h
+                    continue
+                t = kept[index]
+                dt = delta[b, d, t]
+                h = torch.exp(dt * A[d]) * h + dt * B[b, :, t] * u[b, d, t]
+                dt_prev = dt
+                out = (C[b, :, t] * h).sum()
+                if D is not None:
+                    out = out + D[d].double() * u[b, d, t]
+                if z is not None:
+                    zt = z[b, d, t].double()
+                    out = out * zt / (1 + torch.exp(-zt))  # differentiable in z
                 y[b, d, t] = out
     return y

@@ -91,6 +91,34 @@ def test_matches_the_oracle_forward_and_every_gradient(kernel, d_state, groups, 
         assert (gradient["out"] is None) is (not optional)  # the pre-gate output, needed for dz
 
 
+def test_aligned_scan_of_pruned_tokens_runs_through_it(kernel):
+    """Token pruning's aligned scan on the mamba_ssm path: the reparametrised (u, delta) reach the kernel (no bias,
+    no softplus, no D/z), and values and gradients match the torch path in float64 within fp32 rounding."""
+    from tests.test_pruning import pruned_positions
+
+    inputs = make_inputs(length=16, d_state=4, groups=2)
+    positions = pruned_positions(2, 16, 40)
+    routes = torch.stack((positions, positions.flip(-1)), dim=1)
+    names = [n for n, v in inputs.items() if v is not None]
+
+    def run(backend, dtype):
+        leaves = {n: inputs[n].detach().to(dtype).requires_grad_() for n in names}
+        out = ssm.selective_scan(**leaves, delta_softplus=True, backend=backend, positions=routes)
+        out.sum().backward()
+        return out, {n: leaves[n].grad for n in names}
+
+    extension.calls.clear()
+    got, got_grads = run("mamba_ssm", torch.float32)
+    received = extension.calls[0][1]
+    assert received["delta_softplus"] is False and received["delta_bias"] is None and received["D"] is None
+    expected, expected_grads = run("torch", torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for name in names:
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(got_grads[name].double(), expected_grads[name], rtol=1e-4, atol=1e-4 * scale,
+                                   msg=name)
+
+
 @pytest.mark.parametrize("groups", [None, 2])
 def test_stand_in_agrees_with_mamba_ssms_own_reference(kernel, groups):
     """mamba-ssm's ``selective_scan_fn`` (its Function over the stand-in) against its ``selective_scan_ref``:

@@ -11,6 +11,10 @@ Three modes (all in one process, interleaved, with the baseline measured in the 
     flop_counter cannot see. Writes ``benchmark.md``, ``benchmark.csv``, ``benchmark.png`` and
     ``benchmark.json`` (with the exact command, threads, allocator, load) to ``--out``.
 
+Token pruning (``backbones.pruning``) is a model suffix: ``--models vim_tiny_patch16_224,vim_tiny_patch16_224+prune=
+aligned:0.8,vim_tiny_patch16_224+prune=naive:0.8 --baseline vim_tiny_patch16_224`` times pruned and unpruned Vim in
+one run (pruning at the authors' blocks for the family, in both modes; FLOPs count the pruned scans' lengths).
+
 ``python -m tools.benchmark --scan``
     Micro-benchmark of the scan formulations (chunked, odd/even, time-major unbind loop, our
     sequential reference, the mamba-ssm-style indexed loop, mamba-ssm's kernel on CUDA and our fused
@@ -155,12 +159,30 @@ def stub_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 # ----------------------------------------------------------------------------- models
 
 
+def prune_option(name: str, spec: str) -> dict:
+    """``MODE:RATIO`` (e.g. ``aligned:0.8``) -> the ``prune`` option of model ``name``, at the pruning blocks the
+    paper's authors use for its family (``backbones.pruning.PAPER_SETTINGS``), pruning in training too."""
+    from backbones.pruning import PAPER_SETTINGS
+
+    mode, _, ratio = spec.partition(":")
+    family = next((key for key in PAPER_SETTINGS if name.startswith(key)), None)
+    if family is None:
+        raise ValueError(f"{name}+prune={spec}: no pruning settings for this model "
+                         f"(known: {', '.join(PAPER_SETTINGS)})")
+    return dict(PAPER_SETTINGS[family], keep_ratio=float(ratio or PAPER_SETTINGS[family]["keep_ratio"]), mode=mode,
+                train=True)
+
+
 def build_model(name: str, device: torch.device) -> torch.nn.Module:
-    """A timm model; ``ours:backend`` (e.g. ``vmamba_tiny_s1l8:torch``) picks our model's scan backend."""
+    """A timm model; ``ours:backend`` (e.g. ``vmamba_tiny_s1l8:torch``) picks our model's scan backend, and
+    ``+prune=MODE:RATIO`` (e.g. ``vim_tiny_patch16_224+prune=aligned:0.8``) turns on token pruning."""
     import timm
 
+    name, _, prune = name.partition("+prune=")
     name, _, backend = name.partition(":")
     kwargs = {"scan_backend": backend or "auto"} if name in backbones.list_backbones() else {}
+    if prune:
+        kwargs["prune"] = prune_option(name, prune)
     return timm.create_model(name, **kwargs).to(device)
 
 

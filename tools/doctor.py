@@ -41,6 +41,12 @@ def loaded_allocator() -> Optional[str]:
     return next((name for name in _ALLOCATORS if f"lib{name}" in text), None)
 
 
+ALIGNED_SCAN = ("token pruning's aligned scan (selective_scan(..., positions=)) runs on every backend: it "
+                "reparametrises (u, delta) before dispatch, so each backend's own forward/backward is reused; "
+                "the fused kernel's route-aware path (no flip copies) is not, so aligned Vim blocks take the "
+                "route-copy path")
+
+
 def backend_report() -> dict[str, str]:
     """Each scan backend -> 'usable: ...' or 'not usable: <reason>'."""
     kernel, reason = ssm.mamba_ssm_status()
@@ -83,6 +89,7 @@ def collect() -> dict:
         "packages": {name: _version(name) for name in ("timm", "mamba-ssm", "causal-conv1d", "onnx",
                                                          "onnxruntime", "onnxscript")},
         "scan_backends": backend_report(),
+        "aligned_scan": ALIGNED_SCAN,
         "fused_kernel": kernel_report(),
     }
 
@@ -106,6 +113,7 @@ def render(info: dict) -> str:
     """The human-readable report."""
     lines = ["mambalab doctor", "", "scan backends:"]
     lines += [f"  {name:<10} {text}" for name, text in info["scan_backends"].items()]
+    lines += [f"  {'aligned':<10} {info['aligned_scan']}"]
     lines += ["", "fused CPU kernel (python -m backbones.kernel build):"]
     lines += [f"  {key:<26} {value}" for key, value in info["fused_kernel"].items()]
     lines += ["", "torch:"]
