@@ -121,8 +121,12 @@ def check_backbone_options(key: str, node: DictConfig, filled: Sequence[str]) ->
     block -> mixer), so only a build tells whether each one is used. An option nobody takes is named."""
     import backbones
 
-    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-               if not k.startswith("_") and k != "name" and k not in filled}
+    given = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                              if not k.startswith("_") and k != "name" and k not in filled})
+    try:  # options that are configs of objects (e.g. mixer_layer: a _partial_ mixer) become them, as in run.py
+        options = hydra.utils.instantiate(given, _convert_="all")
+    except Exception as err:  # noqa: BLE001 -- Hydra wraps the cause; its message names the target
+        raise ConfigError(f"{key}: its options cannot be instantiated: {err}") from err
     try:
         backbones.family_of(node.name)
     except ValueError as err:

@@ -10,6 +10,7 @@ import torch
 
 import backbones
 from run import build_task, build_trainer
+from tasks.config_checks import check_config
 from tests.conftest import CONF_DIR, compose_config
 from tests.dense_fixtures import make_ade20k, make_coco, make_nuclei, make_trees
 from tests.fixtures import make_fashion_mnist, make_imagefolder
@@ -45,9 +46,12 @@ def teacher_overrides(cfg) -> list[str]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
+    """Every experiment passes run.py's config checks and builds its task, datamodule and trainer."""
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
-    cfg = compose_config([f"experiment={experiment}", *data_overrides(cfg, tmp_path), *teacher_overrides(cfg),
-                          "data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
+    overrides = [f"experiment={experiment}", *data_overrides(cfg, tmp_path), *teacher_overrides(cfg),
+                 "data.num_workers=0", "trainer.accelerator=cpu", "trainer.devices=1"]
+    cfg = compose_config(overrides, tmp_path)
+    check_config(cfg, overrides)  # run.py's checks before anything is built, e.g. options given as object configs
     datamodule, task = build_task(cfg)
     assert task.hparams.num_classes == datamodule.num_classes
     trainer = build_trainer(cfg)
