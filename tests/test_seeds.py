@@ -35,7 +35,8 @@ def test_collect_reads_each_runs_seed_and_last_values_and_summarises(tmp_path):
     assert summary["test/acc"]["std"] == pytest.approx(0.04)  # sample std of 0.84, 0.88, 0.80
     assert summary["test/acc"]["values"] == [0.84, 0.88, 0.80]
     text = markdown(summary, "`experiment=demo`", percent=True)
-    assert "| `experiment=demo` | acc 84.0 ± 4.0 %, loss 300.0 ± 100.0 % | seeds 1, 2, 3 |" in text
+    # percent applies to fractions; the loss (values 2-4) stays as logged
+    assert "| `experiment=demo` | acc 84.0 ± 4.0 %, loss 3.0000 ± 1.0000 | seeds 1, 2, 3 |" in text
     assert summarise(results, ["val/acc"])["val/acc"]["std"] == 0
 
 

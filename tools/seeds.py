@@ -113,9 +113,19 @@ def summarise(results: Sequence[RunResult], metrics: Optional[Sequence[str]] = N
     return summary
 
 
+def is_fraction(entry: dict) -> bool:
+    """Whether every value lies in [0, 1]: a fraction (accuracy, DSC, IoU, AP) that ``--percent`` shows x 100."""
+    return all(0.0 <= value <= 1.0 for value in entry["values"])
+
+
+def _format(entry: dict, percent: bool) -> tuple[float, int, str]:
+    """(scale, decimals, unit) of a metric's figures: percent for fractions when asked, else as logged."""
+    return (100.0, 1, " %") if percent and is_fraction(entry) else (1.0, 4, "")
+
+
 def spread(entry: dict, percent: bool = False) -> str:
-    """``mean ± std`` (in percent with ``percent``)."""
-    scale, digits, unit = (100.0, 1, " %") if percent else (1.0, 4, "")
+    """``mean ± std``; with ``percent``, fractions in percent (metrics with other units, e.g. HD95 in mm, as logged)."""
+    scale, digits, unit = _format(entry, percent)
     std = "n/a" if math.isnan(entry["std"]) else f"{entry['std'] * scale:.{digits}f}"
     return f"{entry['mean'] * scale:.{digits}f} ± {std}{unit}"
 
@@ -125,7 +135,8 @@ def markdown(summary: dict[str, dict], label: str, percent: bool = False) -> str
     seeds = ", ".join(str(s) for s in next(iter(summary.values()))["seeds"])
     table = ["| metric | mean ± std | n | values (by seed) |", "|---|---|---|---|"]
     for name, entry in summary.items():
-        values = ", ".join(f"{v * (100 if percent else 1):.{1 if percent else 4}f}" for v in entry["values"])
+        scale, digits, _ = _format(entry, percent)
+        values = ", ".join(f"{v * scale:.{digits}f}" for v in entry["values"])
         table.append(f"| {name} | {spread(entry, percent)} | {entry['n']} | {values} |")
     row = f"| {label} | " + ", ".join(f"{name.split('/', 1)[-1]} {spread(entry, percent)}"
                                         for name, entry in summary.items()) + f" | seeds {seeds} |"
@@ -212,7 +223,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     collect_parser.add_argument("--out", type=Path, help="write summary.md and summary.json here")
     for sub in (run_parser, collect_parser):
         sub.add_argument("--metrics", nargs="+", help="metric columns to summarise (default: every test/ metric)")
-        sub.add_argument("--percent", action="store_true", help="show values x 100 with one decimal")
+        sub.add_argument("--percent", action="store_true", help="fractions (values in [0, 1]) x 100")
         sub.add_argument("--label", help="first cell of the README row (default: the overrides or folders)")
     return parser.parse_args(argv)
 
