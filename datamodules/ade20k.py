@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .checks import check_labels
-from .evaluation import evaluation_loader
 from .readers import open_image, read_image
-from .resumable import ResumableTrainData, seed_for
+from .resumable import SplitLoaders, seed_for
 
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -269,7 +268,7 @@ def list_pairs(dataset_root: Path, split_dir: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-class ADE20KDataModule(ResumableTrainData, pl.LightningDataModule):
+class ADE20KDataModule(SplitLoaders, pl.LightningDataModule):
     """ADE20K SceneParsing (150 classes) for semantic segmentation, mmseg's 512x512 UperNet pipeline.
 
     Validation and test both use the ``validation`` split (the test labels are not public), one image
@@ -294,6 +293,9 @@ class ADE20KDataModule(ResumableTrainData, pl.LightningDataModule):
     ignore_index = IGNORE_INDEX
     mean, std = MEAN_255, STD_255
 
+    collate_fn = staticmethod(collate_dense)
+    drop_last_train = True  # BatchNorm in the head needs more than one image per batch
+
     def __init__(self, root: str, batch_size: int = 16, val_batch_size: int = 1, num_workers: int = 4,
                  crop_size: Sequence[int] = (512, 512), scale: Sequence[int] = (2048, 512),
                  ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75, pin_memory: bool = False,
@@ -312,17 +314,3 @@ class ADE20KDataModule(ResumableTrainData, pl.LightningDataModule):
             return
         self.datasets = {split: SegmentationPairs(pairs, train=split == "train", seed=self.seed, **self.pipeline)
                          for split, pairs in self.pairs.items()}
-
-    def _loader_kwargs(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_dense,
-                    persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, resumable, full batches only (BatchNorm in the head needs more than one image)."""
-        return self.resumable_loader(self.datasets["train"], drop_last=True, **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -36,12 +36,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .checks import BoxReport
-from .evaluation import evaluation_loader
 from .readers import read_image
-from .resumable import ResumableTrainData, seed_for
+from .resumable import SplitLoaders, seed_for
 
 Target = dict[str, Tensor]
 
@@ -223,7 +222,7 @@ class CocoInstances(Dataset):
         return image, target
 
 
-class COCODataModule(ResumableTrainData, pl.LightningDataModule):
+class COCODataModule(SplitLoaders, pl.LightningDataModule):
     """COCO 2017 instance segmentation (or detection with ``with_masks=False``).
 
     The validation JSON is read at construction (it gives the categories); the training JSON when
@@ -248,6 +247,8 @@ class COCODataModule(ResumableTrainData, pl.LightningDataModule):
     """
 
     in_chans = 3
+
+    collate_fn = staticmethod(collate_detection)
 
     def __init__(self, root: str, batch_size: int = 2, val_batch_size: int = 1, num_workers: int = 4,
                  with_masks: bool = True, flip_prob: float = 0.5, crop_prob: float = 0.0,
@@ -296,16 +297,3 @@ class COCODataModule(ResumableTrainData, pl.LightningDataModule):
                                                    **self.train_options)
             if not len(self.datasets["train"]):
                 raise ValueError(f"{path}: no training image has a usable (non-crowd, >= 1 px) annotation")
-
-    def _loader_kwargs(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_detection,
-                    persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.datasets["train"], **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -34,11 +34,10 @@ from typing import Any, Optional, Sequence, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .ade20k import MEAN_255, STD_255
 from .coco import load_coco_json
-from .evaluation import evaluation_loader
 from .keypoint_transforms import (
     apply_affine,
     box_to_center_scale,
@@ -53,7 +52,7 @@ from .keypoint_transforms import (
     warp_affine,
 )
 from .readers import read_image
-from .resumable import ResumableTrainData, seed_for
+from .resumable import SplitLoaders, seed_for
 
 COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
@@ -236,7 +235,7 @@ class TopdownPersons(Dataset):
                 "weights": torch.from_numpy(weights)}
 
 
-class COCOKeypointsDataModule(ResumableTrainData, pl.LightningDataModule):
+class COCOKeypointsDataModule(SplitLoaders, pl.LightningDataModule):
     """COCO 2017 person keypoints for top-down pose estimation (module docstring).
 
     The validation JSON is read at construction (it gives the keypoints, skeleton and the ground truth the
@@ -351,16 +350,3 @@ class COCOKeypointsDataModule(ResumableTrainData, pl.LightningDataModule):
             if not people:
                 raise ValueError(f"{path}: no person annotation with labelled keypoints to train on")
             self.datasets["train"] = self._dataset(people, "train", train=True)
-
-    def _loader_kwargs(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                    persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.datasets["train"], **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

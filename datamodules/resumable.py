@@ -11,10 +11,12 @@ epoch's data order (Lightning warns), while epoch-boundary resumes stay exact.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .evaluation import evaluation_loader
 
 
 class EpochShuffleSampler(Sampler):
@@ -81,3 +83,31 @@ class ResumableTrainData:
 def seed_for(seed: int, epoch: int, index: int) -> int:
     """A per-sample, per-epoch seed for augmentation."""
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index
+
+
+class SplitLoaders(ResumableTrainData):
+    """LightningDataModule mixin for datamodules with ``datasets["train"|"val"]``: the resumable training loader
+    and the evaluation loaders (val serves test) with one set of loader options.
+
+    ``collate_fn``: the batch collation (None: torch's default); ``drop_last_train``: full training batches only.
+    """
+
+    collate_fn: Optional[Callable] = None
+    drop_last_train: bool = False
+    datasets: dict[str, Dataset]
+    num_workers: int
+    pin_memory: bool
+    val_batch_size: int
+
+    def _loader_kwargs(self) -> dict:
+        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn,
+                    persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.resumable_loader(self.datasets["train"], drop_last=self.drop_last_train, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return evaluation_loader(self.datasets["val"], self.val_batch_size, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
