@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import timm
@@ -62,6 +63,28 @@ def test_model_benchmark_writes_table_csv_and_plot(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 0
     meta = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
     assert meta["threads"] == torch.get_num_threads() and "allocator" in meta
+
+
+def test_families_mode_pairs_each_model_with_its_nearest_timm_model_in_flops(tmp_path):
+    candidates = ["test_convnext", "test_resnet", "test_vit"]
+    benchmark.main(["--families", "--models", "test_vmamba,test_vim", "--candidates", ",".join(candidates),
+                    "--batch", "2", "--image-size", "32", "--repeats", "1", "--warmup", "0", "--no-memory",
+                    "--out", str(tmp_path)])
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "benchmark.csv"))}
+
+    def gflops(name):  # at each model's own input size, MACs + scan, as the pairing counts them
+        model = timm.create_model(name)
+        return sum(benchmark.model_flops(model, torch.randn(1, *benchmark.input_size(model, None))))
+
+    flops = {name: gflops(name) for name in candidates}
+    for ours in ("test_vmamba", "test_vim"):
+        own = gflops(ours)
+        ranked = sorted(candidates, key=lambda c: abs(math.log(flops[c] / own)))
+        assert rows[ours]["baseline"] == ranked[0]
+        baseline = rows[rows[ours]["baseline"]]
+        assert baseline["baseline"] == baseline["model"] and float(baseline["train_ratio"]) == 1.0
+    assert set(rows) == {"test_vmamba", "test_vim", rows["test_vmamba"]["baseline"], rows["test_vim"]["baseline"]}
+    assert "baseline (nearest FLOPs)" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_scan_benchmark_table(tmp_path):

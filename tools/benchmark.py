@@ -15,6 +15,12 @@ Token pruning (``backbones.pruning``) is a model suffix: ``--models vim_tiny_pat
 aligned:0.8,vim_tiny_patch16_224+prune=naive:0.8 --baseline vim_tiny_patch16_224`` times pruned and unpruned Vim in
 one run (pruning at the authors' blocks for the family, in both modes; FLOPs count the pruned scans' lengths).
 
+``python -m tools.benchmark --families``
+    Every family against the timm model nearest to it in FLOPs: for each of ``--models`` (default: one tiny
+    model per family) the baseline is the ``--candidates`` model whose FLOPs (same convention, at its own
+    input size) are closest on a log scale; all models and baselines run interleaved in one process and
+    each ratio refers to the model's own baseline.
+
 ``python -m tools.benchmark --scan``
     Micro-benchmark of the scan formulations (chunked, odd/even, time-major unbind loop, our
     sequential reference, the mamba-ssm-style indexed loop, mamba-ssm's kernel on CUDA and our fused
@@ -58,6 +64,10 @@ from backbones import ssm
 
 DEFAULT_MODELS = ("vmamba_tiny_s1l8", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224",
                   "resnet50")
+FAMILY_MODELS = ("vim_tiny_patch16_224", "vmamba_tiny_s1l8", "msvmamba_tiny", "efficientvmamba_tiny", "groupmamba_tiny",
+                 "hrvmamba_tiny")
+TIMM_CANDIDATES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "regnety_008", "efficientnet_b0", "resnet18",
+                   "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "hrnet_w18_small_v2", "hrnet_w18")
 DEFAULT_SCAN_SHAPES = ("2x768x3136x1", "8x768x3136x1", "1x768x3136x16", "2x768x3136x16")
 SCAN_FORMULATIONS = ("chunked", "oddeven", "unbind", "sequential", "mamba_ref", "mamba_ssm", "fused")
 DEFAULT_FORMULATIONS = ("chunked", "oddeven", "unbind", "fused")
@@ -186,6 +196,24 @@ def build_model(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name, **kwargs).to(device)
 
 
+def nearest_by_flops(models: list[str], candidates: list[str], device: torch.device) -> dict[str, str]:
+    """For each model, the candidate whose FLOPs per image (MACs + scan, each at its own input size) are closest
+    on a log scale, i.e. by ratio rather than difference."""
+    def flops(name: str) -> float:
+        model = build_model(name, device)
+        macs, scan = model_flops(model, torch.randn(1, *input_size(model, None), device=device))
+        return macs + scan
+
+    candidate_flops = {name: flops(name) for name in candidates}
+    nearest = {}
+    for name in models:
+        own = flops(name)
+        nearest[name] = min(candidates, key=lambda c: abs(math.log(candidate_flops[c] / own)))
+        print(f"{name}: {own / 1e9:.2f} GFLOPs -> {nearest[name]} ({candidate_flops[nearest[name]] / 1e9:.2f})",
+              file=sys.stderr)
+    return nearest
+
+
 def input_size(model: torch.nn.Module, image_size: Optional[int]) -> tuple[int, int, int]:
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     return (size[0], image_size, image_size) if image_size else size
@@ -224,10 +252,12 @@ def make_steps(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype
     return {"forward": forward, "train": train}
 
 
-def run_models(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    names = args.models
-    if args.baseline not in names:
-        names = [args.baseline, *names]
+def run_models(args: argparse.Namespace, device: torch.device,
+               baseline_of: Optional[dict[str, str]] = None) -> list[dict]:
+    """Time every model interleaved; ratios refer to ``baseline_of[name]`` (default: ``--baseline`` for all)."""
+    baseline_of = baseline_of or {name: args.baseline for name in args.models}
+    names = list(dict.fromkeys(name for model in args.models for name in (baseline_of[model], model)))
+    baseline_of = {**{name: name for name in names}, **baseline_of}
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     rows, steps = {}, {}
     for name in names:
@@ -252,7 +282,8 @@ def run_models(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for name in names:
         for mode in args.modes:
             per_repeat = times[name, mode]
-            base = times[args.baseline, mode]
+            base = times[baseline_of[name], mode]
+            rows[name]["baseline"] = baseline_of[name]
             rows[name][f"{mode}_img_s"] = args.batch / statistics.median(per_repeat)
             rows[name][f"{mode}_img_s_best"] = args.batch / min(per_repeat)
             rows[name][f"{mode}_ratio"] = statistics.median(b / t for t, b in zip(per_repeat, base))
@@ -483,6 +514,7 @@ def write_outputs(out_dir: str, stem: str, rows: list[dict], table: str, env: di
 
 
 def plot_models(rows: list[dict], modes: list[str], baseline: str, path: str) -> None:
+    """Images/s per model and mode, baselines in grey, each bar labelled with its ratio to ``baseline``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -492,7 +524,7 @@ def plot_models(rows: list[dict], modes: list[str], baseline: str, path: str) ->
     for ax, mode in zip(axes[0], modes):
         names = [r["model"] for r in rows]
         values = [r[f"{mode}_img_s"] for r in rows]
-        bars = ax.barh(names, values, color=["tab:gray" if n == baseline else "tab:blue" for n in names])
+        bars = ax.barh(names, values, color=["tab:gray" if r["baseline"] == r["model"] else "tab:blue" for r in rows])
         for bar, row in zip(bars, rows):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row[f'{mode}_ratio']:.2f}x",
                     va="center")
@@ -561,10 +593,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--scan", action="store_true", help="micro-benchmark the scan formulations")
     mode.add_argument("--profile", metavar="MODEL", help="profile where MODEL's time goes (scan share)")
+    mode.add_argument("--families", action="store_true",
+                      help="each model against its nearest timm model in FLOPs (from --candidates)")
     mode.add_argument("--probe", help=argparse.SUPPRESS)
-    parser.add_argument("--models", type=csv_list, default=list(DEFAULT_MODELS),
+    parser.add_argument("--models", type=csv_list, default=None,
                         help="comma-separated timm names (ours or timm's; ours may end in :torch, :fused, ... to "
-                             "force a scan backend); default: %(default)s")
+                             f"force a scan backend); default: {','.join(DEFAULT_MODELS)}, or with --families "
+                             f"{','.join(FAMILY_MODELS)}")
+    parser.add_argument("--candidates", type=csv_list, default=list(TIMM_CANDIDATES),
+                        help="--families: timm models to pick each baseline from; default: %(default)s")
     parser.add_argument("--baseline", default="convnext_tiny", help="model the ratios refer to (added if missing)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="square input size (default: each model's)")
@@ -596,6 +633,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-ops", type=int, default=15, help="--profile: operators listed")
     parser.add_argument("--out", default="outputs/benchmark", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = list(FAMILY_MODELS if args.families else DEFAULT_MODELS)
     unknown = set(args.formulations) - set(SCAN_FORMULATIONS)
     if unknown:
         parser.error(f"unknown formulation(s) {sorted(unknown)}; choose from {', '.join(SCAN_FORMULATIONS)}")
@@ -631,18 +670,22 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "top_ops"}, indent=2))
         print(result["top_ops"])
     else:
-        rows = run_models(args, device)
+        baseline_of = nearest_by_flops(args.models, args.candidates, device) if args.families else None
+        rows = run_models(args, device, baseline_of)
         columns = [("model", "model"), ("params_m", "params (M)"), ("total_gflops", "GFLOPs (MACs + scan)"),
                    ("scan_gflops", "scan GFLOPs (9BLDN)")]
+        if args.families:
+            columns.append(("baseline", "baseline (nearest FLOPs)"))
         for mode in args.modes:
-            columns += [(f"{mode}_img_s", f"{mode} img/s"), (f"{mode}_ratio", f"{mode} × {args.baseline}"),
+            ratio_title = f"{mode} × baseline" if args.families else f"{mode} × {args.baseline}"
+            columns += [(f"{mode}_img_s", f"{mode} img/s"), (f"{mode}_ratio", ratio_title),
                         (f"{mode}_peak_mb", f"{mode} peak MB")]
         table = markdown_table(rows, columns)
         table += ("\n\nGFLOPs = torch.utils.flop_counter multiply-adds (the papers' 'FLOPs') + 9·B·L·D·N per "
                   "selective scan (+B·D·L for D and for z), the official VMamba/Mamba convention; throughput is "
                   f"the median of {args.repeats} interleaved repeats at batch {args.batch}.")
         write_outputs(args.out, "benchmark", rows, table, env,
-                      lambda p: plot_models(rows, args.modes, args.baseline, p))
+                      lambda p: plot_models(rows, args.modes, "its baseline" if args.families else args.baseline, p))
 
 
 if __name__ == "__main__":
