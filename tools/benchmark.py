@@ -1,6 +1,6 @@
 """Benchmark our backbones against timm baselines, the scan formulations, and the scan's share of time.
 
-Three modes (all in one process, interleaved, with the baseline measured in the same run):
+Four modes (all in one process, interleaved, with the baseline measured in the same run):
 
 ``python -m tools.benchmark [--models vmamba_tiny_s1l8,convnext_tiny,...]``
     Per model: parameters, FLOPs, forward and training-step throughput (images/s: warm-up, repeats,
