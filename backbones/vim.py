@@ -255,6 +255,9 @@ class VisionMamba(MambaBackbone):
                  prune: Union[None, PruneConfig, Dict] = None) -> None:
         super().__init__()
         self.prune = PruneConfig.parse(prune, depth)
+        if self.prune is not None and feature_pyramid:
+            raise ValueError("Vim: prune=... keeps only some tokens, so there are no dense feature maps for "
+                             "features_only / feature_pyramid; build the dense backbone with prune=None")
         if feature_stream not in ("residual", "hidden"):
             raise ValueError(f"Vim: feature_stream must be 'residual' or 'hidden', got {feature_stream!r}")
         self.in_chans = in_chans

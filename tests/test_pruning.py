@@ -197,6 +197,11 @@ def test_fine_tune_mode_prunes_in_training_and_backward_reaches_every_block(mode
         model.forward_intermediates(torch.randn(1, 3, 64, 64))
 
 
+def test_features_only_with_pruning_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match="no dense feature maps for features_only"):
+        timm.create_model("test_vim", features_only=True, prune=dict(keep_ratio=0.5, layers=[0]))
+
+
 def test_class_token_is_moved_back_to_the_middle():
     from backbones.vim import VisionMamba
 
