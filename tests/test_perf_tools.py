@@ -87,6 +87,24 @@ def test_families_mode_pairs_each_model_with_its_nearest_timm_model_in_flops(tmp
     assert "baseline (nearest FLOPs)" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_training_step_trains_both_heads_of_a_distilled_model():
+    class TwoHeads(torch.nn.Module):  # GroupMamba's (class, distillation) logits in training, as DeiT-distilled's
+        def __init__(self):
+            super().__init__()
+            self.head, self.head_dist = torch.nn.Linear(4, 1000), torch.nn.Linear(4, 1000)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return (self.head(x), self.head_dist(x)) if self.training else self.head(x)
+
+    model = TwoHeads()
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = benchmark.make_steps(model, torch.randn(2, 1, 2, 2), amp=None)
+    steps["forward"]()
+    steps["train"]()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 def test_scan_benchmark_table(tmp_path):
     benchmark.main(["--scan", "--scan-shapes", "1x8x40x2", "--formulations", "chunked,oddeven,unbind,mamba_ref",
                     "--repeats", "1", "--no-memory", "--out", str(tmp_path)])

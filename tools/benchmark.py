@@ -244,7 +244,9 @@ def make_steps(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype
     def train() -> None:
         model.train()
         with autocast():
-            loss = F.cross_entropy(model(images), labels)
+            outputs = model(images)  # distilled models (GroupMamba, DeiT-distilled) train on (class, distill) logits
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            loss = sum(F.cross_entropy(logits, labels) for logits in outputs) / len(outputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
