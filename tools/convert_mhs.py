@@ -46,6 +46,10 @@ HEAD_TARGET = "heads.VMUNetDecoder"
 _SCAN_HEAD = re.compile(r"\.mhs\.scanhead_([A-Za-z]+)\.")
 
 
+def _classes(count: int) -> str:
+    return f"{count} class" if count == 1 else f"{count} classes"
+
+
 def is_mhs_vm(state_dict: Dict[str, Any]) -> bool:
     """Whether ``state_dict`` is an official MHS-VM model's (the ``VMUNet`` wrapper with MHS modules)."""
     return any(k.startswith(OFFICIAL_PREFIX) and _SCAN_HEAD.search(k) for k in state_dict)
@@ -80,7 +84,7 @@ class MHSConversion:
     out_dir: Optional[Path] = None
 
     def describe(self) -> str:
-        return f"MHS-VM ({len(self.routes)} heads {self.routes}, {self.num_classes} classes)"
+        return f"MHS-VM ({len(self.routes)} heads {self.routes}, {_classes(self.num_classes)})"
 
     def description(self) -> Dict[str, Any]:
         """The JSON stored with the weights (``tasks.weights`` checks it against the run)."""
@@ -163,7 +167,7 @@ def convert_mhs(weights: Dict[str, Tensor], variant: str, weights_from: str, sou
     """The task state dict (``backbone.*``, ``head.*``) of the run.py model for an official MHS-VM state dict
     (unwrapped), loaded strictly, and what the conversion did (see the module doc)."""
     cfg, overrides, routes, num_classes = plan_mhs(weights, variant, experiment, overrides)
-    holds = f"the file holds MHS-VM ({len(routes)} heads {routes}, {num_classes} classes)"
+    holds = f"the file holds MHS-VM ({len(routes)} heads {routes}, {_classes(num_classes)})"
     fit_mhs(cfg, weights, num_classes, holds, meta=True)  # fails fast, before any weights are initialised
     backbone, head, backbone_sd, head_sd = fit_mhs(cfg, weights, num_classes, holds)
     backbone.load_state_dict(backbone_sd, strict=True)
