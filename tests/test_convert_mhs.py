@@ -212,15 +212,16 @@ def test_converted_weights_compute_the_official_model_in_float64(head_num, thres
         official_deepest = official.vmunet.patch_embed(images)
         for layer in official.vmunet.layers:
             official_deepest = layer(official_deepest)
-    # Both sides run in float64 (the stand-in's scan is the step-by-step oracle, ours the library's scan): the
-    # paths differ only in summation order, ~1e-15 relative per operation over a few hundred chained ones;
-    # 1e-9 of the output's scale leaves a margin of several orders while a misplaced tensor moves it by O(1).
+    # Both sides run in float64 (the stand-in's scan is the step-by-step oracle, ours the library's "torch" scan):
+    # measured differences are 0.6-3.8e-10 of the output's scale over these two cases and seeds 0, 1 (the scan
+    # formulations round differently, and the scan route attention divides by the routes' shifted mean); 1e-7
+    # leaves a margin of >250x, while a misplaced tensor moves the output by O(1) (the swap below, > 1e-4).
     scale = expected.abs().max().item()
     assert scale > 1e-3
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-9 * scale)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-7 * scale)
     # our backbone's own forward (the features run.py's decoder reads) is the official encoder
     torch.testing.assert_close(deepest, official_deepest.permute(0, 3, 1, 2), rtol=0,
-                               atol=1e-9 * official_deepest.abs().max().item())
+                               atol=1e-7 * official_deepest.abs().max().item())
     # the check can fail: the weights of two heads swapped move the output far outside the tolerance
     swapped = head.stages[3].blocks[0].mixer.mhs.heads
     with torch.no_grad():
