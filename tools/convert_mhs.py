@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 import run
 from backbones._checkpoint import drop_aliases
-from backbones.mhs import MIXER_KEY_RULES, OFFICIAL_ALIASES, OFFICIAL_PREFIX, checkpoint_filter_fn
-from heads.vmunet import from_official
+from backbones.mhs import MIXER_KEY_RULES, OFFICIAL_ALIASES, OFFICIAL_ENCODER, OFFICIAL_PREFIX, checkpoint_filter_fn
+from heads.vmunet import OFFICIAL_DECODER, from_official
 from tools.convert_dense import _difference, _shapes, compose_experiment
 
 DEFAULT_EXPERIMENT = "isic18_mhs_vmunet"
@@ -146,8 +146,7 @@ def fit_mhs(cfg: DictConfig, weights: Dict[str, Tensor], num_classes: int, holds
     weights renamed for them, checked key by key and shape by shape; a misfit names the first differing key."""
     with torch.device("meta" if meta else "cpu"):
         backbone, head = run.build_model(cfg, 3, num_classes)
-    known = (f"{OFFICIAL_PREFIX}patch_embed.", f"{OFFICIAL_PREFIX}layers.", f"{OFFICIAL_PREFIX}layers_up.",
-             f"{OFFICIAL_PREFIX}final_up.", f"{OFFICIAL_PREFIX}final_conv.")
+    known = tuple(OFFICIAL_PREFIX + part for part in (*OFFICIAL_ENCODER, *OFFICIAL_DECODER))
     stray = sorted(k for k in weights if not k.startswith(known))
     if stray:
         raise ValueError(f"{holds}, with {len(stray)} key(s) outside VM-UNet's encoder and decoder, first {stray[0]}")
