@@ -1,8 +1,8 @@
 """What every family's ``checkpoint_filter_fn`` shares: finding the weights inside an official checkpoint
-file, renaming keys with an ordered table of regular-expression rules, and the key layout of the official
-VMamba code base, which both VMamba's and MSVMamba's releases use (MSVMamba's code is a fork of it); the
-model's own weights for parts a classifier checkpoint lacks; and the check that ``pretrained=True`` points at
-converted weights on disk.
+file, renaming keys with an ordered table of regular-expression rules, dropping the keys some official code
+lists twice for one tensor, and the key layout of the official VMamba code base, which both VMamba's and
+MSVMamba's releases use (MSVMamba's code is a fork of it); the model's own weights for parts a classifier
+checkpoint lacks; and the check that ``pretrained=True`` points at converted weights on disk.
 
 A family file keeps only what is its own: the rule table (``OFFICIAL_KEY_RULES``) and any reshaping
 its layout needs.
@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
+import torch
 from timm.models import resolve_pretrained_cfg
 from torch import Tensor, nn
 
@@ -21,8 +22,9 @@ from torch import Tensor, nn
 KeyRules = List[Tuple[str, Union[str, Callable[[re.Match], str]]]]
 
 # Where training scripts store the weights: Swin/VMamba-style ``model`` (+ ``model_ema``), Lightning or
-# mmengine ``state_dict``, EfficientVMamba's ``state_dict_ema``.
-STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+# mmengine ``state_dict``, EfficientVMamba's ``state_dict_ema``, VM-UNet-style ``model_state_dict`` (the
+# ``latest.pth`` resume files of VM-UNet and MHS-VM).
+STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "model_state_dict")
 
 
 def unwrap_state_dict(checkpoint: Mapping, keys: Sequence[str] = STATE_DICT_KEYS) -> Dict[str, Tensor]:
@@ -33,6 +35,28 @@ def unwrap_state_dict(checkpoint: Mapping, keys: Sequence[str] = STATE_DICT_KEYS
             checkpoint = checkpoint[key]
             break
     return {re.sub(r"^(module\.)+", "", k): v for k, v in checkpoint.items()}
+
+
+def drop_aliases(state_dict: Mapping[str, Tensor], aliases: KeyRules) -> Dict[str, Tensor]:
+    """``state_dict`` without the entries that name a tensor a second time, each checked equal to its primary.
+
+    Official code can list one tensor under two names: a module registered under two attributes, or a parameter
+    also assigned to a second attribute. ``aliases`` rename an alias key to its primary key; a primary that the
+    file lacks takes the alias's tensor, and an alias whose tensor differs from its primary's (the file was
+    edited, or the names do not alias) is refused naming both keys.
+    """
+    kept: Dict[str, Tensor] = {k: v for k, v in state_dict.items() if rename_key(k, aliases) == k}
+    for key, value in state_dict.items():
+        primary = rename_key(key, aliases)
+        if primary == key:
+            continue
+        if primary not in kept:
+            kept[primary] = value
+        elif kept[primary].shape != value.shape or (value.device.type != "meta" and not torch.equal(kept[primary],
+                                                                                                    value)):
+            raise ValueError(f"{key} should repeat {primary} (the official model holds one tensor under both "
+                             f"names), but the two differ; the file is not as its authors saved it")
+    return kept
 
 
 def rename_key(key: str, rules: KeyRules) -> str:
@@ -77,9 +101,11 @@ def vmamba_generation(state_dict: Mapping[str, Tensor]) -> str:
     return "v2" if "patch_embed.5.weight" in state_dict else "v1"
 
 
-def with_own_weights(state_dict: Dict[str, Tensor], model: nn.Module, prefix: str) -> Dict[str, Tensor]:
-    """``state_dict`` plus the model's own tensors under ``prefix`` where it has none: parts only a dense model
-    has (feature norms, a feature pyramid) keep their initial values when a classifier checkpoint is loaded."""
+def with_own_weights(state_dict: Dict[str, Tensor], model: nn.Module,
+                     prefix: Union[str, Tuple[str, ...]]) -> Dict[str, Tensor]:
+    """``state_dict`` plus the model's own tensors under ``prefix`` (one or several) where it has none: parts only
+    a dense model has (feature norms, a feature pyramid) keep their initial values when a classifier checkpoint is
+    loaded, and a classifier's norm and head when a segmentation model's encoder is."""
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) and k not in state_dict}
     return {**state_dict, **own}
 

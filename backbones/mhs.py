@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import VMAMBA_KEY_RULES, KeyRules, drop_aliases, rename_key, unwrap_state_dict, with_own_weights
 from ._features import build_backbone, imagenet_cfg
 from .hierarchical import HierarchicalMamba
 from .layers import PatchMerging, PatchStem, VSSBlock
 from .scan_patterns import RouteTable
 from .ss2d import RouteSSM, resolve_dt_rank
 
-__all__ = ["MHS_ROUTES", "MultiHeadScan", "MultiHeadScanMixer", "ScanHead", "ScanRouteAttention",
-           "checkpoint_filter_fn"]
+__all__ = ["MHS_ROUTES", "MIXER_KEY_RULES", "OFFICIAL_ALIASES", "OFFICIAL_KEY_RULES", "MultiHeadScan",
+           "MultiHeadScanMixer", "ScanHead", "ScanRouteAttention", "checkpoint_filter_fn", "official_encoder"]
 
 
 def _pixels(height: int, width: int) -> Tensor:
@@ -245,17 +245,49 @@ class MultiHeadScanMixer(nn.Module):
 
 # ---------------------------------------------------------------- the MHS-VM encoder as a timm model
 
-def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
-    """Weights in this module's layout (a checkpoint or state dict of it), unwrapped.
+# The official whole model (``models/vmunet/vmunet.py``: ``VMUNet`` holding ``VSSM`` as ``vmunet``) saves every
+# key under ``vmunet.``; its encoder is ``patch_embed`` and ``layers``, its decoder ``layers_up``, ``final_up`` and
+# ``final_conv``.
+OFFICIAL_PREFIX = "vmunet."
+OFFICIAL_ENCODER = ("patch_embed.", "layers.")
 
-    The official checkpoints (``best_3h.pth``, ``best_4h.pth``) hold the whole segmentation model -- encoder,
-    decoder and aliases under ``vmunet.`` -- which no backbone converter splits yet; they are refused by name.
+# Tensors the official state dict lists twice (alias -> primary): each ``ScanHead`` registers its ``MambaEngine`` as
+# ``mambaeng`` and again inside its ``ScanPattern`` as ``scanning.seq2seq_engine``; ``MHSM`` assigns
+# ``x_ssproj.weight`` to a second attribute, ``x_ssproj_W``. The route tables are plain tensor attributes of the
+# official modules, so no file holds them; ours are computed from the map size (equal at 256x256).
+OFFICIAL_ALIASES: KeyRules = [(r"\.scanning\.seq2seq_engine\.", ".mambaeng."), (r"\.x_ssproj_W$", ".x_ssproj.weight")]
+
+# The official MHS module (``VSSGate.mhs``, an ``MHSM``) -> ``MultiHeadScan``. The official heads are named by
+# letter and always built in the order C, X, S (, Z); ours are numbered in the order of ``routes`` ("CXS", "CXSZ").
+MIXER_KEY_RULES: KeyRules = [
+    (r"\.mhs\.x_ssproj\.weight$", ".mhs.subspace_proj.weight"),
+    (r"\.mhs\.scanhead_([CXSZ])\.mambaeng\.", lambda m: f".mhs.heads.{'CXSZ'.index(m[1])}.ssm."),
+    (r"\.mhs\.cat_norm\.", ".mhs.norm."),
+    (r"\.mhs\.y_proj\.", ".mhs.proj."),
+]
+# The encoder: VM-UNet's skeleton is VMamba v0's (``patch_embed``, ``layers.i.blocks.j.ln_1`` / ``self_attention``,
+# ``layers.i.downsample`` at the end of stage i), so VMamba's v1 table renames everything but the MHS module.
+OFFICIAL_KEY_RULES: KeyRules = [*MIXER_KEY_RULES, *VMAMBA_KEY_RULES["v1"]]
+
+
+def official_encoder(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The encoder part of an official MHS-VM state dict in this module's layout: the ``vmunet.`` prefix dropped,
+    the duplicate keys checked equal and dropped (``OFFICIAL_ALIASES``), the rest renamed by ``OFFICIAL_KEY_RULES``."""
+    body = {k[len(OFFICIAL_PREFIX):]: v for k, v in drop_aliases(state_dict, OFFICIAL_ALIASES).items()}
+    return {rename_key(k, OFFICIAL_KEY_RULES): v for k, v in body.items() if k.startswith(OFFICIAL_ENCODER)}
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor]:
+    """Weights in this module's layout (a checkpoint or state dict of it), unwrapped; or the encoder of an
+    official MHS-VM checkpoint (``best_3h.pth``, ``best_4h.pth``, a ``latest.pth``), whose decoder is left out and
+    which has no classifier: a classifier model keeps its own final norm and head.
+
+    The whole segmentation model converts with ``tools.convert`` (``tools.convert_mhs``).
     """
     state_dict = unwrap_state_dict(state_dict)
-    if any(key.startswith("vmunet.") for key in state_dict):
-        raise ValueError("this is an official MHS-VM checkpoint (the whole VM-UNet under 'vmunet.'); converting it "
-                         "into a backbone and a decoder is not supported")
-    return state_dict
+    if not any(key.startswith(OFFICIAL_PREFIX) for key in state_dict):
+        return state_dict
+    return with_own_weights(official_encoder(state_dict), model, ("norm.", "head."))
 
 
 def _create_mhs_vmamba(variant: str, pretrained: bool = False, routes: str = "CXSZ", sra_threshold: float = 0.0,

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from backbones._checkpoint import KeyRules, rename_key
 from backbones.layers import VSSBlock, init_linear_trunc_normal
 
 from .interface import HeadInputs
 
-__all__ = ["PatchExpand", "VMUNetDecoder", "pixel_expand"]
+__all__ = ["OFFICIAL_DECODER", "OFFICIAL_DECODER_RULES", "PatchExpand", "VMUNetDecoder", "from_official",
+           "pixel_expand"]
 
 # VMamba v0 blocks, as the reference's encoder and decoder use.
 vanilla_vss_block = partial(VSSBlock, mlp_ratio=0.0, d_state=16, ssm_ratio=2.0, gated=True, conv_bias=True)
@@ -97,7 +99,7 @@ class VMUNetDecoder(nn.Module):
         if len(depths) != len(in_channels):
             raise ValueError(f"VMUNetDecoder: {len(depths)} decoder depths for {len(in_channels)} feature levels")
         dims = list(in_channels)[::-1]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).flip(0).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").flip(0).tolist()
         stages = []
         for level, (dim, depth) in enumerate(zip(dims, depths)):
             upsample = PatchExpand(dims[level - 1], dim) if level else nn.Identity()
@@ -148,3 +150,22 @@ class VMUNetDecoder(nn.Module):
             x = stage.blocks(stage.upsample(x) + skip)
         x = self.final_expand(x).permute(0, 3, 1, 2)
         return self.final_conv(x)
+
+
+# The official decoder (``VSSM.layers_up``, ``final_up``, ``final_conv`` in VM-UNet and its forks, e.g. MHS-VM) ->
+# ``VMUNetDecoder``: decoder layer k is stage k (its ``upsample`` first in both), VMamba v0's block names
+# (``ln_1``, ``self_attention``) become ours; the mixer's own keys follow the mixer's table.
+OFFICIAL_DECODER = ("layers_up.", "final_up.", "final_conv.")
+OFFICIAL_DECODER_RULES: KeyRules = [
+    (r"^layers_up\.(\d+)\.", r"stages.\1."),
+    (r"^(stages\.\d+\.blocks\.\d+)\.ln_1\.", r"\1.norm1."),
+    (r"^(stages\.\d+\.blocks\.\d+)\.self_attention\.", r"\1.mixer."),
+    (r"^final_up\.", "final_expand."),
+]
+
+
+def from_official(state_dict: Dict[str, Tensor], mixer_rules: KeyRules = ()) -> Dict[str, Tensor]:
+    """The decoder part of an official VM-UNet-style state dict (keys without the wrapper's prefix), renamed for
+    ``VMUNetDecoder`` by ``OFFICIAL_DECODER_RULES`` and then the mixer's ``mixer_rules``."""
+    rules = [*OFFICIAL_DECODER_RULES, *mixer_rules]
+    return {rename_key(k, rules): v for k, v in state_dict.items() if k.startswith(OFFICIAL_DECODER)}
