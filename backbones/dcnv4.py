@@ -50,9 +50,13 @@ def dcnv4_sample(value: Tensor, offset_mask: Tensor, group: int, kernel_size: in
     if offset_mask.shape[:3] != (batch, out_h, out_w) or offset_mask.shape[3] < group * 3 * num_points:
         raise ValueError(f"dcnv4_sample: offset_mask has shape {tuple(offset_mask.shape)}, expected "
                          f"({batch}, {out_h}, {out_w}, >= {group * 3 * num_points})")
+    # Points first (batch, group, point, ...): grid_sample then writes each point's samples as one
+    # contiguous (out_h, out_w) plane, and the masked sum over points adds whole planes (vectorised)
+    # instead of reducing a strided innermost axis of length P.
     om = offset_mask[..., : group * 3 * num_points].reshape(batch, out_h, out_w, group, 3 * num_points)
-    offsets = om[..., : 2 * num_points].unflatten(-1, (num_points, 2))
-    mask = om[..., 2 * num_points:]
+    om = om.permute(0, 3, 4, 1, 2)
+    offsets = om[:, :, : 2 * num_points].unflatten(2, (num_points, 2))  # (batch, group, P, 2, out_h, out_w)
+    mask = om[:, :, 2 * num_points:]  # (batch, group, P, out_h, out_w)
     # Pixel coordinates of the kernel grid; the grid's extent scales with offset_scale like the offsets.
     half = dilation * (kernel_size - 1) // 2
     origin = half - pad - half * offset_scale
@@ -60,16 +64,16 @@ def dcnv4_sample(value: Tensor, offset_mask: Tensor, group: int, kernel_size: in
     grid_y = torch.tensor([j * dilation for _, j in points], dtype=offsets.dtype, device=offsets.device)
     base_x = torch.arange(out_w, dtype=offsets.dtype, device=offsets.device) * stride + origin
     base_y = torch.arange(out_h, dtype=offsets.dtype, device=offsets.device) * stride + origin
-    x = base_x[None, None, :, None, None] + (grid_x + offsets[..., 0]) * offset_scale
-    y = base_y[None, :, None, None, None] + (grid_y + offsets[..., 1]) * offset_scale
+    x = base_x + (grid_x[:, None, None] + offsets[:, :, :, 0]) * offset_scale
+    y = base_y[:, None] + (grid_y[:, None, None] + offsets[:, :, :, 1]) * offset_scale
     # grid_sample with align_corners=False puts pixel k's centre at (2k + 1) / size - 1.
     grid = torch.stack(((2 * x + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1)
-    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(batch * group, out_h, out_w * num_points, 2)
+    grid = grid.reshape(batch * group, num_points * out_h, out_w, 2)
     per_group = value.reshape(batch, height, width, group, channels // group).permute(0, 3, 4, 1, 2)
     sampled = F.grid_sample(per_group.reshape(batch * group, channels // group, height, width), grid.to(value.dtype),
                             mode="bilinear", padding_mode="zeros", align_corners=False)
-    sampled = sampled.view(batch, group, channels // group, out_h, out_w, num_points)
-    out = (sampled * mask.permute(0, 3, 1, 2, 4).unsqueeze(2).to(sampled.dtype)).sum(-1)
+    sampled = sampled.view(batch, group, channels // group, num_points, out_h, out_w)
+    out = (sampled * mask.unsqueeze(2).to(sampled.dtype)).sum(3)
     return out.permute(0, 3, 4, 1, 2).reshape(batch, out_h, out_w, channels)
 
 
