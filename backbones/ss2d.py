@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .kernel import scan_routes
 from .scan_patterns import CrossScan, ScanPattern
-from .ssm import ScanCall, chosen_backend, observed, selective_scan
+from .ssm import ScanCall, chosen_backend, observed, position_gaps, selective_scan
 
 
 def resolve_dt_rank(dt_rank: Union[int, str], d_model: int) -> int:
@@ -131,7 +131,7 @@ class RouteSSM(nn.Module):
         return pattern.merge(ys, x.shape[2:]) if merge else ys
 
     def forward_pixels(self, x: Tensor, pattern: ScanPattern, routes: slice = slice(None), merge: bool = True,
-                       per_route: bool = False) -> Tensor:
+                       per_route: bool = False, positions: Optional[Tensor] = None) -> Tensor:
         """The routes of ``pattern`` scanned on the fused kernel with every tensor kept in pixel order.
 
         x is the map (batch, d_inner, *spatial) that every route reads, or with ``per_route`` each route's
@@ -140,6 +140,8 @@ class RouteSSM(nn.Module):
         ``pattern.route_table`` names and adds its output back there (times ``pattern.merge_weight``),
         which is exactly scan -> RouteSSM -> merge. Returns the merged (batch, d_inner, *spatial) map (a
         channels-last view), or with ``merge=False`` the route outputs (batch, K', d_inner, length).
+        ``positions`` (batch, *spatial): for pruned sequences, each token's unpruned index (the aligned scan,
+        as ``forward``'s); each route's gaps follow its own scan order, so a reversed route is still read in place.
         """
         spatial = x.shape[3 if per_route else 2:]
         table = pattern.route_table(spatial)
@@ -154,11 +156,15 @@ class RouteSSM(nn.Module):
             projected = F.linear(u.transpose(1, 2), x_proj.flatten(0, 1)).unflatten(-1, (table.shape[0], -1))
         dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dts = torch.einsum("bpkr,kdr->bkdp", dts, dt_proj)
+        gaps = None
+        if positions is not None:
+            route_positions = pattern.scan(positions.unsqueeze(1))[:, :, 0]
+            gaps = position_gaps(route_positions, table.shape[0]).squeeze(2).float()
         call = ScanCall("fused", u.shape[0], table.shape[0] * channels, table.shape[1], self.d_state, table.shape[0],
                         True, False, u.dtype, u.device, 0.0)
         y = observed(lambda: scan_routes(u, dts, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1), Ds,
                                          delta_bias=dt_bias, delta_softplus=True, table=table,
-                                         merge_weight=pattern.merge_weight, merged=merge), call)
+                                         merge_weight=pattern.merge_weight, merged=merge, gaps=gaps), call)
         return y.unflatten(-1, spatial) if merge else y
 
 

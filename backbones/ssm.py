@@ -44,9 +44,11 @@ Pruned sequences (token pruning, Zhan et al., NeurIPS 2024, arXiv:2409.18962): `
 "position map") gives each token's index in the unpruned sequence. The scan then keeps the hidden state
 aligned with the unpruned one by letting every pruned position between two kept tokens still decay the
 state, with the step size of the kept token before it and no input (see ``aligned_inputs``). Every
-backend runs aligned calls: the alignment is an exact reparametrisation of (u, delta) applied before
-dispatch, so the backend's own forward/backward (chunked torch, fused kernel, mamba-ssm) is reused and
-autograd differentiates the reparametrisation.
+backend runs aligned calls. ``aligned_inputs`` is the rule: an exact reparametrisation of (u, delta)
+applied before dispatch, so a backend's own forward/backward (chunked torch, mamba-ssm) is reused and
+autograd differentiates the reparametrisation. The fused CPU kernel is a second implementation of the same
+recurrence: it takes each step's gap itself (``position_gaps``) and adds the skipped positions' decay
+inside the scan, forward and backward, with no extra pass over the tensors.
 
 Precision policy: whatever the input dtype, delta, exp(delta * A), the state and the accumulation are
 at least float32 (float64 inputs stay float64, so gradcheck is exact); the output is returned in the
@@ -759,6 +761,16 @@ def _scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return fused_kernel.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
+def _scan_fused_aligned(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gaps: Tensor) -> Tensor:
+    """The aligned scan on the fused kernel, which takes the gaps (batch, groups or 1, 1, length) itself."""
+    return fused_kernel.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       gaps=gaps.squeeze(2).float())
+
+
+def _takes_gaps(impl: ScanFunction, u: Tensor) -> bool:
+    return impl is _scan_fused and u.dtype != torch.float64  # float64 runs on the torch path
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 _IMPLEMENTATIONS = {"torch": _scan_torch, "reference": scan_sequential, "mamba_ssm": _scan_mamba_ssm,
@@ -843,6 +855,12 @@ def chosen_backend(backend: str, u: Tensor) -> str:
     return _chosen(backend, u)[0]
 
 
+def native_aligned_scan(backend: str, u: Tensor) -> bool:
+    """Whether an aligned scan of ``u`` requested as ``backend`` runs natively in the fused kernel (the gaps
+    passed to it) rather than through ``aligned_inputs``' reparametrisation before the backend's plain scan."""
+    return _takes_gaps(_chosen(backend, u)[1], u)
+
+
 def observed(run: Callable[[], Tensor], call: ScanCall) -> Tensor:
     """``run()``, timed and reported to the ``observe`` callbacks as ``call`` (its ``seconds`` filled in) when
     any are active and nothing is being traced. For scan entry points other than ``selective_scan`` (the
@@ -871,7 +889,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """Run the selective scan with mamba-ssm's argument convention (see the module docstring).
 
     ``positions``: for a pruned sequence, each token's index in the unpruned one, (batch, length) or
-    (batch, groups, length); the scan then runs the pruning-aware aligned recurrence (``aligned_inputs``).
+    (batch, groups, length); the scan then runs the pruning-aware aligned recurrence (``aligned_inputs``; on
+    the fused kernel natively, see ``native_aligned_scan``).
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} "
@@ -886,8 +905,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         if positions.shape[-1] != u.shape[-1] or positions.shape[0] != u.shape[0]:
             raise ValueError(f"positions {tuple(positions.shape)} do not match u {tuple(u.shape)}")
         gaps = position_gaps(positions, 1 if B.dim() == 3 else B.shape[1])
+        native = _takes_gaps(impl, u)
 
         def run() -> Tensor:
+            if native:
+                return _scan_fused_aligned(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gaps)
             aligned_u, aligned_dt = aligned_inputs(u, delta, delta_bias, delta_softplus, gaps)
             y = impl(aligned_u, aligned_dt, A, B, C, None, None, None, False)
             return _finish(y, u.to(y.dtype), D, z, u.dtype)

@@ -91,8 +91,8 @@ class BiMambaMixer(nn.Module):
         pruning-aware aligned scan (the backward route scans them reversed)."""
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if positions is None and self.ssm.uses_fused_routes(x):
-            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True)
+        if self.ssm.uses_fused_routes(x):
+            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True, positions=positions)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape

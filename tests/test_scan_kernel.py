@@ -1,6 +1,7 @@
 """The fused CPU selective-scan kernel (backbones.kernel): float64-oracle parity at every ISA level this
-CPU runs, route tables for every scan pattern, model parity against the pure-PyTorch scan, the custom op
-under compile/export, the precision policy, and the fallback when no kernel is built.
+CPU runs, route tables for every scan pattern, token pruning's aligned scan (per-step gaps), model parity
+against the pure-PyTorch scan, the custom op under compile/export, the precision policy, and the fallback
+when no kernel is built.
 
 Error measure: max |got - expected| / max |expected| over the whole tensor (the issue's relative error).
 Entries of a scan output or gradient are sums of many terms of both signs, so an entry-wise relative
@@ -24,7 +25,8 @@ import torch
 import backbones
 from backbones import kernel, ssm
 from backbones.scan_patterns import AtrousScan, BidirectionalScan, CrossScan, RouteConcat
-from tests.oracle import oracle_selective_scan
+from tests.oracle import oracle_aligned_scan, oracle_selective_scan
+from tests.test_pruning import pruned_positions
 from tests.test_scan_fast import NAMES, relative_error
 from tests.test_ssm import make_inputs
 
@@ -100,16 +102,18 @@ def test_decay_up_to_a_thousand_is_exact(isa, d_state):
 
 
 @needs_kernel
-def test_isa_levels_agree_and_threads_do_not_change_results():
+@pytest.mark.parametrize("aligned", [False, True])
+def test_isa_levels_agree_and_threads_do_not_change_results(aligned):
     """Reductions run in a fixed order: any thread count gives the same bits; levels agree to round-off."""
     inputs = make_inputs(batch=3, channels=40, length=150, d_state=16, groups=2)
     leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    gaps = gaps_of(route_positions(3, 2, 150, 400), 2) if aligned else None
 
     def run():
         for leaf in leaves.values():
             if leaf is not None:
                 leaf.grad = None
-        y = kernel.selective_scan(**leaves, delta_softplus=True)
+        y = kernel.selective_scan(**leaves, delta_softplus=True, gaps=gaps)
         y.square().sum().backward()
         return [y.detach()] + [leaves[k].grad for k in NAMES if leaves[k] is not None]
 
@@ -158,9 +162,11 @@ PATTERNS = {
 }
 
 
-def scan_then_merge(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pattern, spatial, merged, shared_u):
+def scan_then_merge(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pattern, spatial, merged, shared_u,
+                    unpruned=None):
     """The pure-PyTorch meaning of a route-aware call: gather each route with ``pattern.scan``, scan it
-    (float64 sequential loop), and merge with ``pattern.merge``."""
+    (float64 sequential loop; with ``unpruned`` (batch, K, length), the unpruned indices of each route's
+    steps, the aligned scan), and merge with ``pattern.merge``."""
     batch, routes, channels, positions = delta.shape
 
     def gather(t):  # (b, K, c, P) per route -> (b, K, c, L) in route order, via pattern.scan
@@ -172,8 +178,9 @@ def scan_then_merge(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pattern
     u4 = u.unsqueeze(1).expand(batch, routes, channels, positions) if shared_u else u
     xs, dts, Bs, Cs = gather(u4), gather(delta), gather(B), gather(C)
     length = xs.shape[-1]
-    ys = ssm.scan_sequential(xs.reshape(batch, routes * channels, length), dts.reshape(batch, -1, length), A, Bs,
-                             Cs, D, None, delta_bias, delta_softplus).view(batch, routes, channels, length)
+    ys = ssm.selective_scan(xs.reshape(batch, routes * channels, length), dts.reshape(batch, -1, length), A, Bs, Cs,
+                            D, None, delta_bias, delta_softplus, backend="reference",
+                            positions=unpruned).view(batch, routes, channels, length)
     return pattern.merge(ys, spatial).flatten(2) if merged else ys
 
 
@@ -182,7 +189,22 @@ def scan_then_merge(u, delta, A, B, C, D, z, delta_bias, delta_softplus, pattern
 @pytest.mark.parametrize("shared_u", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_routes_read_in_place_match_scan_and_merge(isa, name, merged, shared_u, channels_last):
+    inputs = route_inputs(PATTERNS[name], shared_u, channels_last)
     pattern, spatial = PATTERNS[name]
+    table = pattern.route_table(spatial)
+
+    def fused(**kw):
+        return kernel.scan_routes(**kw, table=table, merge_weight=pattern.merge_weight, merged=merged)
+
+    def reference(**kw):
+        return scan_then_merge(**kw, pattern=pattern, spatial=spatial, merged=merged, shared_u=shared_u)
+
+    assert_matches(fused, reference, inputs)
+
+
+def route_inputs(pattern_and_spatial: tuple, shared_u: bool, channels_last: bool) -> dict:
+    """Random inputs of a route-aware call of ``pattern`` on ``spatial``: 20 channels, d_state 4."""
+    pattern, spatial = pattern_and_spatial
     table = pattern.route_table(spatial)
     routes, positions, channels, d_state = table.shape[0], int(torch.tensor(spatial).prod()), 20, 4
     g = torch.Generator().manual_seed(0)
@@ -192,7 +214,7 @@ def test_routes_read_in_place_match_scan_and_merge(isa, name, merged, shared_u, 
         # channels-last: channels innermost in memory (the SS2D layout); else positions innermost
         return t.transpose(-1, -2).contiguous().transpose(-1, -2) if channels_last else t
 
-    inputs = dict(
+    return dict(
         u=tensor(2, channels, positions) if shared_u else tensor(2, routes, channels, positions),
         delta=tensor(2, routes, channels, positions) * 0.5, A=-torch.rand(routes * channels, d_state) * 4,
         B=torch.randn(2, routes, d_state, positions, generator=g),
@@ -200,13 +222,113 @@ def test_routes_read_in_place_match_scan_and_merge(isa, name, merged, shared_u, 
         D=torch.randn(routes * channels, generator=g), z=None,
         delta_bias=torch.randn(routes * channels, generator=g) * 0.5)
 
+
+# ----------------------------------------------------------------------------- token pruning: per-step gaps
+
+
+def route_positions(batch: int, groups: int, length: int, full: int) -> torch.Tensor:
+    """(batch, groups, length) unpruned indices of each group's (route's) tokens out of ``full``: group 0 a
+    forward route (increasing), the others reversed routes (decreasing: their previous step is the next token
+    in memory)."""
+    maps = [pruned_positions(batch, length, full, seed=1 + k) for k in range(groups)]
+    return torch.stack([m if k == 0 else full - 1 - m for k, m in enumerate(maps)], dim=1)
+
+
+def gaps_of(positions: torch.Tensor, groups: int) -> torch.Tensor:
+    """The kernel's gaps argument, (batch, groups or 1, length) float32, from ``ssm.position_gaps``."""
+    return ssm.position_gaps(positions, groups).squeeze(2).float()
+
+
+@pytest.mark.parametrize("d_state", [1, 3, 16])
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("optional", [True, False])
+@pytest.mark.parametrize("length,full", [(37, 60), (70, 700)])
+def test_aligned_gaps_match_the_reparametrised_float64_scan(isa, d_state, groups, optional, length, full):
+    """The kernel's native gaps against the rule, ``aligned_inputs`` before the float64 sequential scan. Keeping
+    37 of 60 leaves many gaps of 0 and 1; 70 of 700 gaps of ~9 and up to ~50, where exp(A (dt + g dt_prev))
+    wipes the state (for d_state 16, |A| up to 16). Grouped: route 1 runs reversed (decreasing positions).
+    d_state 16 at length 70 crosses the 64-step chunks of backward (gaps hand gradient across them)."""
+    inputs = make_inputs(batch=2, channels=20, length=length, d_state=d_state, groups=groups, with_z=optional,
+                         with_D=optional, with_bias=optional)
+    positions = route_positions(2, groups, length, full) if groups else pruned_positions(2, length, full)
+    gaps = gaps_of(positions, groups or 1)
+    assert gaps.max() >= (30 if full == 700 else 1) and (gaps == 0).any()
+
     def fused(**kw):
-        return kernel.scan_routes(**kw, table=table, merge_weight=pattern.merge_weight, merged=merged)
+        return kernel.selective_scan(**kw, gaps=gaps)
+
+    def rule(**kw):
+        return ssm.selective_scan(**kw, backend="reference", positions=positions)
+
+    assert_matches(fused, rule, inputs, softplus=optional)
+
+
+def test_aligned_gaps_cross_chunk_boundaries(isa):
+    """d_state 3 (the kernel's generic-N path, 256-step chunks) over 300 steps: the forward's step before each
+    chunk and backward's recomputed one must agree, and step 256's gap gradient must reach step 255."""
+    inputs = make_inputs(batch=1, channels=10, length=300, d_state=3, groups=2)
+    positions = route_positions(1, 2, 300, 900)
+    gaps = gaps_of(positions, 2)
+    assert_matches(lambda **kw: kernel.selective_scan(**kw, gaps=gaps),
+                   lambda **kw: ssm.selective_scan(**kw, backend="reference", positions=positions), inputs)
+
+
+def test_aligned_gaps_match_the_independent_oracle(isa):
+    """Forward and every gradient against ``oracle_aligned_scan``, which steps through the unpruned sequence
+    (pruned positions decay only) rather than using the reparametrisation."""
+    inputs = make_inputs(batch=2, channels=5, length=19, d_state=3)
+    positions = pruned_positions(2, 19, 45)
+    gaps = gaps_of(positions, 1)
+    assert_matches(lambda **kw: kernel.selective_scan(**kw, gaps=gaps),
+                   lambda **kw: oracle_aligned_scan(**kw, positions=positions), inputs)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("d_state", [1, 3, 16])
+def test_zero_gaps_are_the_plain_kernel(isa, groups, d_state):
+    """All gaps 0 (keep ratio 1): the gapped kernel adds exact zeros, so output and gradients equal the plain
+    kernel's bit for bit."""
+    inputs = make_inputs(batch=2, channels=20, length=70, d_state=d_state, groups=groups)
+    results = []
+    for gaps in (None, torch.zeros(2, groups or 1, 70)):
+        leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+        y = kernel.selective_scan(**leaves, delta_softplus=True, gaps=gaps)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        results.append([y.detach()] + [leaves[k].grad for k in NAMES])
+    for name, plain, gapped in zip(("y", *NAMES), *results):
+        assert torch.equal(plain, gapped), name
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "cross", "atrous_odd"])
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_routes_read_in_place_take_gaps_in_table_order(isa, name, merged, channels_last):
+    """Per-route gaps follow each route's table order (the reversed Vim route reads its previous step from the
+    next token in memory; atrous routes jump across the map and have padding steps), against gather ->
+    reparametrised float64 scan -> merge."""
+    inputs = route_inputs(PATTERNS[name], False, channels_last)
+    pattern, spatial = PATTERNS[name]
+    table = pattern.route_table(spatial)
+    routes, length = table.shape
+    positions = torch.stack([pruned_positions(2, length, 3 * length, seed=k) for k in range(routes)], dim=1)
+    gaps = gaps_of(positions, routes)
+
+    def fused(**kw):
+        return kernel.scan_routes(**kw, table=table, merge_weight=pattern.merge_weight, merged=merged, gaps=gaps)
 
     def reference(**kw):
-        return scan_then_merge(**kw, pattern=pattern, spatial=spatial, merged=merged, shared_u=shared_u)
+        return scan_then_merge(**kw, pattern=pattern, spatial=spatial, merged=merged, shared_u=False,
+                               unpruned=positions)
 
     assert_matches(fused, reference, inputs)
+
+
+@needs_kernel
+def test_bad_gaps_are_refused():
+    inputs = make_inputs(batch=2, channels=4, length=13, d_state=4, groups=2)
+    for bad in (torch.zeros(2, 3, 13), torch.zeros(2, 2, 12), torch.zeros(2, 2, 13, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="gaps must be a float32"):
+            kernel.selective_scan(**inputs, gaps=bad)
 
 
 # ----------------------------------------------------------------------------- models
@@ -304,7 +426,7 @@ def test_backward_keeps_chunk_states_not_the_state_history():
 # ----------------------------------------------------------------------------- custom op: compile, export
 
 
-def _op_args(table: bool, merged: bool, requires_grad: bool = True) -> tuple:
+def _op_args(table: bool, merged: bool, requires_grad: bool = True, aligned: bool = False) -> tuple:
     pattern, spatial = CrossScan(), (3, 5)
     g = torch.Generator().manual_seed(0)
     routes, channels, positions, d_state = 4, 6, 15, 2
@@ -315,13 +437,15 @@ def _op_args(table: bool, merged: bool, requires_grad: bool = True) -> tuple:
             torch.randn(2, routes, d_state, positions, generator=g),
             torch.randn(routes * channels, generator=g), None, torch.randn(routes * channels, generator=g)]
     args = [a.requires_grad_(requires_grad) if a is not None else None for a in args]
-    return (*args, pattern.route_table(spatial) if table else None, True, 1.0, merged, requires_grad)
+    gaps = torch.randint(0, 5, (2, routes, positions), generator=g).float() if aligned else None
+    return (*args, pattern.route_table(spatial) if table else None, True, 1.0, merged, requires_grad, gaps)
 
 
 @needs_kernel
-@pytest.mark.parametrize("table,merged", [(False, False), (True, True), (True, False)])
-def test_opcheck(table, merged):
-    torch.library.opcheck(kernel.selective_scan_cpu, _op_args(table, merged))
+@pytest.mark.parametrize("table,merged,aligned", [(False, False, False), (True, True, False), (True, False, False),
+                                                  (True, True, True)])
+def test_opcheck(table, merged, aligned):
+    torch.library.opcheck(kernel.selective_scan_cpu, _op_args(table, merged, aligned=aligned))
 
 
 @needs_kernel
@@ -404,6 +528,7 @@ def test_without_a_built_kernel_everything_falls_back(no_kernel):
     report = doctor.backend_report()
     assert report["fused"].startswith("not usable: the fused kernel is not built")
     assert "CPU tensors -> torch" in report["auto"]
+    assert doctor.aligned_scan_report().startswith("CPU: the torch backend after ssm.aligned_inputs'")
 
 
 @needs_kernel
@@ -413,3 +538,4 @@ def test_doctor_says_which_kernel_runs():
     report = doctor.backend_report()
     assert report["fused"].startswith(f"usable: {kernel.status().isa} build")
     assert "CPU tensors -> fused" in report["auto"]
+    assert doctor.aligned_scan_report().startswith("CPU: native in the fused kernel")

@@ -41,10 +41,15 @@ def loaded_allocator() -> Optional[str]:
     return next((name for name in _ALLOCATORS if f"lib{name}" in text), None)
 
 
-ALIGNED_SCAN = ("token pruning's aligned scan (selective_scan(..., positions=)) runs on every backend: it "
-                "reparametrises (u, delta) before dispatch, so each backend's own forward/backward is reused; "
-                "the fused kernel's route-aware path (no flip copies) is not, so aligned Vim blocks take the "
-                "route-copy path")
+def aligned_scan_report() -> str:
+    """Which path token pruning's aligned scan (``selective_scan(..., positions=)``) takes here for CPU tensors."""
+    if ssm.native_aligned_scan("auto", torch.empty(0)):
+        return ("CPU: native in the fused kernel (each step's gap in the scan's decay, forward and backward; "
+                "Vim's aligned blocks read both routes in place); the other backends run ssm.aligned_inputs' "
+                "reparametrisation of (u, delta) before their plain scan")
+    return (f"CPU: the {ssm.resolve_backend('auto', torch.device('cpu'))} backend after ssm.aligned_inputs' "
+            "reparametrisation of (u, delta), with Vim's route copies (the fused kernel, which takes the gaps "
+            f"natively, is not usable: {fused_kernel.status().reason})")
 
 
 def backend_report() -> dict[str, str]:
@@ -89,7 +94,7 @@ def collect() -> dict:
         "packages": {name: _version(name) for name in ("timm", "mamba-ssm", "causal-conv1d", "onnx",
                                                          "onnxruntime", "onnxscript")},
         "scan_backends": backend_report(),
-        "aligned_scan": ALIGNED_SCAN,
+        "aligned_scan": aligned_scan_report(),
         "fused_kernel": kernel_report(),
     }
 

@@ -6,8 +6,13 @@
 // state n:
 //
 //     dt_t = softplus(delta_t + bias)            (or delta_t + bias)
-//     h_t  = exp(dt_t A[n]) h_{t-1} + dt_t B_t[n] u_t
+//     h_t  = exp((dt_t + g_t dt_{t-1}) A[n]) h_{t-1} + dt_t B_t[n] u_t
 //     y_t  = (sum_n C_t[n] h_t[n] + D u_t) * silu(z_t)
+//
+// g_t is 0 unless `gaps` is given: token pruning's aligned scan (backbones/ssm.py, aligned_inputs), where g_t
+// pruned positions between step t-1 and step t of a route still decay the state with the step size of the
+// kept token before them (dt_{t-1}, the previous step in the route's own order; 0 before the first step).
+// Without gaps the scan is compiled without the extra term (a template flag), so it costs nothing there.
 //
 // Layout. Every per-token tensor is described by a base pointer and four element strides (batch, route,
 // channel or state, position), so channels-last and channel-major data are both read in place. A problem
@@ -31,7 +36,10 @@
 // step divides by a decay, so any |A dt| is safe. Sums over channels (dB, dC) are reduced across the
 // vector lanes with a shuffle tree and across channel tiles through per-task partial rows; sums over
 // tokens (dA, dD, d bias) are accumulated in fp32 per chunk and in double across chunks and tasks. All
-// reductions have a fixed order, so results do not depend on the thread count or the schedule.
+// reductions have a fixed order, so results do not depend on the thread count or the schedule. With gaps,
+// step t's decay also depends on dt_{t-1}: the adjoint sweep hands g_t * dL/d(decay step)_t back to step
+// t-1, which it visits next (across chunk boundaries too), and each chunk's recomputation starts from
+// dt at the step before the chunk, recomputed from delta.
 
 #include <algorithm>
 #include <atomic>
@@ -66,6 +74,8 @@ typedef struct {
     int64_t length;     // steps per route
     int64_t positions;  // size of the position axis of the inputs (and of a merged output)
     const int32_t* table;  // routes x length source positions (-1: padding), or NULL for t -> t
+    const float* gaps;     // NULL, or g of step t of route k of batch b at gaps[b * gaps_batch + k * gaps_route + t]
+    int64_t gaps_batch, gaps_route;
     mls_tensor u, delta, z, B, C, y;  // z.data may be NULL
     const float* A;           // (routes * channels, d_state)
     const float* D;           // (routes * channels) or NULL
@@ -384,6 +394,8 @@ struct Setup {
 
     const int32_t* route_table(int64_t k) const { return p.table ? p.table + k * p.length : nullptr; }
 
+    const float* gap_row(int64_t b, int64_t k) const { return p.gaps + b * p.gaps_batch + k * p.gaps_route; }
+
     void stage_bc() {
         const int64_t N = p.d_state, L = p.length, rows = p.batch * p.routes;
 #pragma omp parallel for num_threads(p.threads) schedule(static)
@@ -434,7 +446,8 @@ inline void add_lane_sums(vf* v, int64_t n, float* out) {
     }
 }
 
-template <int NS>  // NS = d_state known at compile time, or 0 for any
+// NS = d_state known at compile time, or 0 for any; kGaps: the problem has gaps (the aligned scan)
+template <int NS, bool kGaps>
 struct Scan {
     // dB/dC products are summed over the lanes right away when the states fill whole vectors, else
     // collected per chunk and summed W at a time
@@ -458,6 +471,8 @@ struct Scan {
         const View z = view(p.z, b, k, c0, lanes), y = view(p.y, b, p.merged ? 0 : k, c0, lanes);
         const int32_t* table = s.route_table(k);
         const float* bc = s.bc_row(b, k);
+        const float* gap = kGaps ? s.gap_row(b, k) : nullptr;
+        vf dt_before = splat(0.0f);  // dt of the step before (gaps only)
         Block block, out_block;
         vf ub[W], dt[W], gate[W], yb[W];
         for (int64_t t0 = 0; t0 < p.length; t0 += W) {
@@ -489,16 +504,21 @@ struct Scan {
                 const float* Bt = bc + (t0 + i) * 2 * N;
                 const float* Ct = Bt + N;
                 const vf dtv = dt[i], dtu = dtv * ub[i];
+                vf decay_dt = dtv;
+                if (kGaps) {
+                    decay_dt = dtv + gap[t0 + i] * dt_before;
+                    dt_before = dtv;
+                }
                 vf acc = Dv * ub[i];
                 if (NS) {
 #pragma GCC unroll 16
                     for (int n = 0; n < NS; ++n) {
-                        hr[n] = vexp2(dtv * A2[n]) * hr[n] + dtu * Bt[n];
+                        hr[n] = vexp2(decay_dt * A2[n]) * hr[n] + dtu * Bt[n];
                         acc += hr[n] * Ct[n];
                     }
                 } else {
                     for (int n = 0; n < N; ++n) {
-                        h[n] = vexp2(dtv * A2[n]) * h[n] + dtu * Bt[n];
+                        h[n] = vexp2(decay_dt * A2[n]) * h[n] + dtu * Bt[n];
                         acc += h[n] * Ct[n];
                     }
                 }
@@ -521,13 +541,14 @@ struct Scan {
         const mls_problem& p = s.p;
         const int N = states(p);
         const int64_t Q = p.chunk, L = p.length, row0 = k * p.channels + c0;
-        // scratch: A2, A, carry, dA, h (N each); per chunk: ub, dtb, sgb, gb, gyb, zb, dzb, dub, ddb (Q
+        // scratch: A2, A, carry, dA, h (N each); per chunk: ub, dtb, sgb, gb, gyb, zb, dzb, dub, ddb, deb (Q
         // each); hist_h, hist_a, prodB, prodC (Q * N + W each)
-        vf* w = scratch(buffer, size_t(5 * N + 9 * Q + 4 * (Q * N + W)));
+        vf* w = scratch(buffer, size_t(5 * N + 10 * Q + 4 * (Q * N + W)));
         vf *A2 = w, *A = w + N, *carry = w + 2 * N, *dA = w + 3 * N, *h = w + 4 * N;
         vf *ub = w + 5 * N, *dtb = ub + Q, *sgb = dtb + Q, *gb = sgb + Q, *gyb = gb + Q, *zb = gyb + Q;
         vf *dzb = zb + Q, *dub = dzb + Q, *ddb = dub + Q;
-        vf *hist_h = ddb + Q, *hist_a = hist_h + Q * N + W, *prodB = hist_a + Q * N + W;
+        vf* deb = kGaps ? ddb + Q : dtb;  // the step size each step decays with (dt + g dt_before, or dt)
+        vf *hist_h = ddb + 2 * Q, *hist_a = hist_h + Q * N + W, *prodB = hist_a + Q * N + W;
         vf *prodC = prodB + Q * N + W;
         for (int n = 0; n < N; ++n) {
             A[n] = lane_param(p.A, row0, lanes, N, n);
@@ -544,6 +565,8 @@ struct Scan {
         const int32_t* table = s.route_table(k);
         const float* bc = s.bc_row(b, k);
         const float gy_scale = p.merged ? p.merge_weight : 1.0f;
+        const float* gap = kGaps ? s.gap_row(b, k) : nullptr;
+        vf handed_back = splat(0.0f);  // g_{t+1} * dL/d(decay step)_{t+1}, owed to dt_t (gaps only)
         Block block, out_block;
         vf raw[W];
 
@@ -575,6 +598,15 @@ struct Scan {
                 for (int i = i0; i < i0 + Tb; ++i) gyb[i] *= gy_scale;
                 if (has_z) load_block(z, block, zb + i0);
             }
+            if (kGaps) {  // the decay steps, from dt at the step before the chunk (0 before the route's first)
+                vf dt_before = splat(0.0f);
+                if (t0 > 0) {
+                    make_block(table, t0 - 1, 1, block);
+                    load_block(delta, block, raw);
+                    step_sizes(p, raw, bias, 1, &dt_before, nullptr);
+                }
+                for (int i = 0; i < T; ++i) deb[i] = dtb[i] + gap[t0 + i] * (i ? dtb[i - 1] : dt_before);
+            }
             // recompute the chunk's states and decays from its checkpoint
             const float* start = s.state_at(b, k, chunk, c0);
             for (int n = 0; n < N; ++n) {
@@ -587,18 +619,18 @@ struct Scan {
             for (int i = 0; i < T; ++i) {
                 const float* Bt = bc + (t0 + i) * 2 * N;
                 const float* Ct = Bt + N;
-                const vf dtv = dtb[i], dtu = dtv * ub[i];
+                const vf dtv = dtb[i], dtu = dtv * ub[i], decay_dt = deb[i];
                 vf* hh = hist_h + i * N;
                 vf* ha = hist_a + i * N;
                 if (NS) {  // the state stays in registers; the history is only written
 #pragma GCC unroll 16
                     for (int n = 0; n < NS; ++n) {
-                        ha[n] = vexp2(dtv * A2[n]);
+                        ha[n] = vexp2(decay_dt * A2[n]);
                         hh[n] = hr[n] = ha[n] * hr[n] + dtu * Bt[n];
                     }
                 } else {
                     for (int n = 0; n < N; ++n) {
-                        ha[n] = vexp2(dtv * A2[n]);
+                        ha[n] = vexp2(decay_dt * A2[n]);
                         hh[n] = ha[n] * (i ? hh[n - N] : h[n]) + dtu * Bt[n];
                     }
                 }
@@ -627,7 +659,7 @@ struct Scan {
             for (int i = T - 1; i >= 0; --i) {
                 const float* Bt = bc + (t0 + i) * 2 * N;
                 const float* Ct = Bt + N;
-                const vf gv = gb[i], dtv = dtb[i], uv = ub[i], dtu = dtv * uv;
+                const vf gv = gb[i], dtv = dtb[i], uv = ub[i], dtu = dtv * uv, decay_dt = deb[i];
                 const vf* hp = i ? hist_h + (i - 1) * N : h;
                 const vf* ha = hist_a + i * N;
                 vf direct[kDirect ? NS : 1];
@@ -638,7 +670,7 @@ struct Scan {
                     for (int n = 0; n < NS; ++n) {
                         const vf lam = gv * Ct[n] + carry[n];
                         const vf q = lam * hp[n] * ha[n];  // dL/d(decay) * decay
-                        dA_chunk[n] += q * dtv;
+                        dA_chunk[n] += q * decay_dt;
                         ddt += q * A[n];
                         sum_lb += lam * Bt[n];
                         pb[n] = lam * dtu;
@@ -648,7 +680,7 @@ struct Scan {
                     for (int n = 0; n < N; ++n) {
                         const vf lam = gv * Ct[n] + carry[n];
                         const vf q = lam * hp[n] * ha[n];
-                        dA[n] += q * dtv;
+                        dA[n] += q * decay_dt;
                         ddt += q * A[n];
                         sum_lb += lam * Bt[n];
                         pb[n] = lam * dtu;
@@ -657,6 +689,11 @@ struct Scan {
                 }
                 if (kDirect) add_lane_sums(pb, N, pB + (t0 + i) * N);
                 dub[i] = gv * Dv + dtv * sum_lb;
+                if (kGaps) {  // ddt so far is dL/d(decay step): g_t of it belongs to dt_{t-1}
+                    const vf owed = handed_back;
+                    handed_back = gap[t0 + i] * ddt;
+                    ddt += owed;
+                }
                 ddt += uv * sum_lb;
                 dD_chunk += gv * uv;
                 const vf dd = p.softplus ? ddt * sgb[i] : ddt;
@@ -708,7 +745,7 @@ bool run_tasks(int threads, int64_t tasks, const char* what, Fn&& fn) {
     return !failed;
 }
 
-template <int NS>
+template <int NS, bool kGaps>
 int forward_impl(const mls_problem& p) {
     Setup s(p);
     s.stage_bc();
@@ -721,12 +758,12 @@ int forward_impl(const mls_problem& p) {
         vf* work = scratch(buffer, size_t(2 * p.d_state));
         if (p.merged) zero_positions(view(p.y, b, 0, c0, lanes), p.positions);
         for (int64_t k = grouped ? 0 : unit; k < (grouped ? p.routes : unit + 1); ++k)
-            Scan<NS>::forward_route(s, b, k, c0, lanes, p.merged, work);
+            Scan<NS, kGaps>::forward_route(s, b, k, c0, lanes, p.merged, work);
     });
     return ok ? 0 : 1;
 }
 
-template <int NS>
+template <int NS, bool kGaps>
 int backward_impl(const mls_problem& p, const mls_grads& g) {
     Setup s(p);
     s.stage_bc();
@@ -760,7 +797,7 @@ int backward_impl(const mls_problem& p, const mls_grads& g) {
             std::fill(pB, pB + L * N * 2, 0.0f);
             for (int64_t tile = group * per_group; tile < tile_end; ++tile) {
                 double* acc = lanes_acc.data() + ((b * K + k) * s.tiles + tile) * (N + 2) * W;
-                Scan<NS>::backward_route(s, g, b, k, tile * W, lanes_of(tile), pB, pB + L * N, acc, buffer);
+                Scan<NS, kGaps>::backward_route(s, g, b, k, tile * W, lanes_of(tile), pB, pB + L * N, acc, buffer);
             }
         }
     });
@@ -818,12 +855,14 @@ int dispatch(int64_t d_state, Args&&... args) {
 
 template <int NS>
 struct Forward {
-    static int run(const mls_problem& p) { return forward_impl<NS>(p); }
+    static int run(const mls_problem& p) { return p.gaps ? forward_impl<NS, true>(p) : forward_impl<NS, false>(p); }
 };
 
 template <int NS>
 struct Backward {
-    static int run(const mls_problem& p, const mls_grads& g) { return backward_impl<NS>(p, g); }
+    static int run(const mls_problem& p, const mls_grads& g) {
+        return p.gaps ? backward_impl<NS, true>(p, g) : backward_impl<NS, false>(p, g);
+    }
 };
 
 const char* check(const mls_problem* p) {

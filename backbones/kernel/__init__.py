@@ -162,7 +162,8 @@ class _Tensor(ctypes.Structure):
 class _Problem(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("routes", ctypes.c_int64), ("channels", ctypes.c_int64),
                 ("d_state", ctypes.c_int64), ("length", ctypes.c_int64), ("positions", ctypes.c_int64),
-                ("table", ctypes.c_void_p), ("u", _Tensor), ("delta", _Tensor), ("z", _Tensor), ("B", _Tensor),
+                ("table", ctypes.c_void_p), ("gaps", ctypes.c_void_p), ("gaps_batch", ctypes.c_int64),
+                ("gaps_route", ctypes.c_int64), ("u", _Tensor), ("delta", _Tensor), ("z", _Tensor), ("B", _Tensor),
                 ("C", _Tensor), ("y", _Tensor), ("A", ctypes.c_void_p), ("D", ctypes.c_void_p),
                 ("delta_bias", ctypes.c_void_p), ("softplus", ctypes.c_int32), ("merged", ctypes.c_int32),
                 ("merge_weight", ctypes.c_float), ("states", ctypes.c_void_p), ("chunk", ctypes.c_int64),
@@ -311,18 +312,21 @@ def _y_tensor(y: Tensor, merged: bool, routed: bool) -> _Tensor:
     return _Tensor(y.data_ptr(), s[0], s[1], s[3], s[2]) if routed else _Tensor(y.data_ptr(), *s)
 
 
-def _problem(u, delta, A, B, C, D, z, delta_bias, table, softplus, merge_weight, merged, y, states) -> _Problem:
+def _problem(u, delta, A, B, C, D, z, delta_bias, table, gaps, softplus, merge_weight, merged, y,
+             states) -> _Problem:
     batch, routes, channels, positions = delta.shape
     d_state = A.shape[1]
     length = positions if table is None else table.shape[1]
-    return _Problem(batch, routes, channels, d_state, length, positions, _ptr(table), _ctensor(u), _ctensor(delta),
+    gap_strides = (0, 0) if gaps is None else (gaps.stride(0), gaps.stride(1) if gaps.shape[1] > 1 else 0)
+    return _Problem(batch, routes, channels, d_state, length, positions, _ptr(table), _ptr(gaps), *gap_strides,
+                    _ctensor(u), _ctensor(delta),
                     _ctensor(z), _ctensor(B), _ctensor(C), _y_tensor(y, merged, table is not None), _ptr(A), _ptr(D),
                     _ptr(delta_bias), int(softplus), int(merged), merge_weight, _ptr(states), chunk_length(d_state),
                     torch.get_num_threads())
 
 
 def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-           delta_bias: Optional[Tensor], table: Optional[Tensor]) -> None:
+           delta_bias: Optional[Tensor], table: Optional[Tensor], gaps: Optional[Tensor]) -> None:
     if delta.dim() != 4:
         raise ValueError(f"delta must be (batch, routes, channels, positions), got {tuple(delta.shape)}")
     batch, routes, channels, positions = delta.shape
@@ -350,15 +354,21 @@ def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
         if table.numel() and (int(table.min()) < -1 or int(table.max()) >= positions):
             raise ValueError(f"table entries must lie in [-1, {positions}); got [{int(table.min())}, "
                              f"{int(table.max())}]")
+    if gaps is not None:
+        length = positions if table is None else table.shape[1]
+        if (gaps.dtype != torch.float32 or gaps.dim() != 3 or gaps.shape[0] != batch
+                or gaps.shape[1] not in (1, routes) or gaps.shape[2] != length or gaps.stride(2) != 1):
+            raise ValueError(f"gaps must be a float32 (batch={batch}, 1 or routes={routes}, length={length}) tensor "
+                             f"contiguous along length; got {gaps.dtype} {tuple(gaps.shape)}")
 
 
 @torch.library.custom_op("mambalab::selective_scan_cpu", mutates_args=())
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], table: Optional[Tensor],
                        delta_softplus: bool, merge_weight: float, merged: bool,
-                       save_states: bool) -> tuple[Tensor, Tensor]:
+                       save_states: bool, gaps: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The fused scan of routes read through ``table`` (see ``scan_routes``); returns (y, chunk states)."""
-    _check(u, delta, A, B, C, D, z, delta_bias, table)
+    _check(u, delta, A, B, C, D, z, delta_bias, table, gaps)
     lib = _library()
     batch, routes, channels, positions = delta.shape
     d_state = A.shape[1]
@@ -367,14 +377,15 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     states = torch.empty((batch, routes, -(-length // chunk_length(d_state)), d_state, channels)
                          if save_states else (0,))
     inputs = (_f32(u), _f32(delta), _params(A), _f32(B), _f32(C), _params(D), _f32(z), _params(delta_bias))
-    problem = _problem(*inputs, table, delta_softplus, merge_weight, merged, y, states if save_states else None)
+    problem = _problem(*inputs, table, gaps, delta_softplus, merge_weight, merged, y,
+                       states if save_states else None)
     if lib.mls_forward(ctypes.byref(problem)):
         raise RuntimeError(f"fused selective scan: {lib.mls_last_error().decode()}")
     return y.to(u.dtype), states
 
 
 @selective_scan_cpu.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, table, delta_softplus, merge_weight, merged, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, table, delta_softplus, merge_weight, merged, save_states, gaps=None):
     batch, routes, channels, positions = delta.shape
     d_state = A.shape[1]
     length = positions if table is None else table.shape[1]
@@ -388,14 +399,14 @@ def _(u, delta, A, B, C, D, z, delta_bias, table, delta_softplus, merge_weight, 
 def selective_scan_cpu_backward(grad: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                                 table: Optional[Tensor], states: Tensor, delta_softplus: bool, merge_weight: float,
-                                merged: bool) -> list[Tensor]:
+                                merged: bool, gaps: Optional[Tensor] = None) -> list[Tensor]:
     """Gradients of the given (non-None) inputs u, delta, A, B, C, D, z, delta_bias, in that order."""
-    _check(u, delta, A, B, C, D, z, delta_bias, table)
+    _check(u, delta, A, B, C, D, z, delta_bias, table, gaps)
     lib = _library()
     inputs = (_f32(u), _f32(delta), _params(A), _f32(B), _f32(C), _params(D), _f32(z), _params(delta_bias))
     uf, deltaf, Af, Bf, Cf, Df, zf, biasf = inputs
     gy = grad.float().contiguous()
-    problem = _problem(*inputs, table, delta_softplus, merge_weight, merged, gy, states)
+    problem = _problem(*inputs, table, gaps, delta_softplus, merge_weight, merged, gy, states)
     du, ddelta = torch.empty_like(uf), torch.empty_like(deltaf)
     dz = None if zf is None else torch.empty_like(zf)
     dB, dC = torch.zeros(Bf.shape), torch.zeros(Cf.shape)
@@ -413,26 +424,26 @@ def selective_scan_cpu_backward(grad: Tensor, u: Tensor, delta: Tensor, A: Tenso
 
 
 @selective_scan_cpu_backward.register_fake
-def _(grad, u, delta, A, B, C, D, z, delta_bias, table, states, delta_softplus, merge_weight, merged):
+def _(grad, u, delta, A, B, C, D, z, delta_bias, table, states, delta_softplus, merge_weight, merged, gaps=None):
     return [torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, table, softplus, merge_weight, merged, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, table, output[1])
+    u, delta, A, B, C, D, z, delta_bias, table, softplus, merge_weight, merged, _, gaps = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, table, gaps, output[1])
     ctx.options = (softplus, merge_weight, merged)
     ctx.output_shape = output[0].shape
 
 
 def _backward(ctx, grad: Optional[Tensor], _grad_states: Optional[Tensor]):
-    *saved, table, states = ctx.saved_tensors
+    *saved, table, gaps, states = ctx.saved_tensors
     if states.numel() == 0:
         raise RuntimeError("mambalab::selective_scan_cpu ran with save_states=False; call it through "
                            "backbones.kernel.scan_routes so that training keeps the chunk states")
     if grad is None:
         grad = torch.zeros(ctx.output_shape)
-    grads = iter(selective_scan_cpu_backward(grad, *saved, table, states, *ctx.options))
-    return (*(next(grads) if t is not None else None for t in saved), None, None, None, None, None)
+    grads = iter(selective_scan_cpu_backward(grad, *saved, table, states, *ctx.options, gaps))
+    return (*(next(grads) if t is not None else None for t in saved), None, None, None, None, None, None)
 
 
 selective_scan_cpu.register_autograd(_backward, setup_context=_setup_context)
@@ -444,7 +455,8 @@ def _needs_states(*tensors: Optional[Tensor]) -> bool:
 
 def scan_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                 z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                table: Optional[Tensor] = None, merge_weight: float = 1.0, merged: bool = True) -> Tensor:
+                table: Optional[Tensor] = None, merge_weight: float = 1.0, merged: bool = True,
+                gaps: Optional[Tensor] = None) -> Tensor:
     """Selective scan of K routes that read their tokens in place, through an index table.
 
     Args:
@@ -458,12 +470,16 @@ def scan_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
         merge_weight, merged: with ``merged``, the result is (batch, channels, positions): merge_weight times
             the sum, over routes and steps, of each step's output at the position it read (a scan
             pattern's merge); otherwise per route and step, (batch, K, channels, length).
+        gaps: (batch, K or 1, length) float32, for token pruning's aligned scan: step t of route k decays the
+            state with dt_t + gaps[b, k, t] * dt_{t-1} (dt_{t-1}: the route's previous step, in table order;
+            see ``backbones.ssm.aligned_inputs``); None: the plain scan. Not differentiated (counts).
 
     Any strides work; channel-contiguous (channels-last) inputs are read with plain vector loads. The
     merged result is a channels-last view.
     """
     save = _needs_states(u, delta, A, B, C, D, z, delta_bias)
-    y, _ = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, table, delta_softplus, merge_weight, merged, save)
+    y, _ = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, table, delta_softplus, merge_weight, merged, save,
+                              gaps)
     if merged:
         return y.transpose(1, 2)
     return y.transpose(2, 3) if table is not None else y
@@ -471,8 +487,9 @@ def scan_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                   delta_softplus: bool = False) -> Tensor:
-    """``backbones.ssm.selective_scan``'s contract on the fused kernel (B/C groups are the routes)."""
+                   delta_softplus: bool = False, gaps: Optional[Tensor] = None) -> Tensor:
+    """``backbones.ssm.selective_scan``'s contract on the fused kernel (B/C groups are the routes); ``gaps``
+    (batch, groups or 1, length): the aligned scan's skipped positions per step (see ``scan_routes``)."""
     batch, channels, length = u.shape
     B, C = (t if t.dim() == 4 else t.unsqueeze(1) for t in (B, C))
     groups = B.shape[1]
@@ -480,5 +497,5 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         raise ValueError(f"{channels} channels cannot be split into {groups} groups of B/C")
     split = (groups, channels // groups)
     y = scan_routes(u.unflatten(1, split), delta.unflatten(1, split), A, B, C, D,
-                    None if z is None else z.unflatten(1, split), delta_bias, delta_softplus, merged=False)
+                    None if z is None else z.unflatten(1, split), delta_bias, delta_softplus, merged=False, gaps=gaps)
     return y.flatten(1, 2)
