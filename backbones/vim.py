@@ -51,6 +51,8 @@ from torch import Tensor, nn
 
 from ._checkpoint import unwrap_state_dict, with_own_weights
 from ._features import MambaBackbone, build_backbone, imagenet_cfg
+from .kernel.conv import MAX_WIDTH as MAX_CONV_WIDTH
+from .kernel.conv import bidirectional_conv_silu
 from .pruning import PruneConfig, gather_tokens, select_tokens, token_importance
 from .scan_patterns import BidirectionalScan
 from .ss2d import RouteSSM, resolve_dt_rank
@@ -91,8 +93,10 @@ class BiMambaMixer(nn.Module):
         pruning-aware aligned scan (the backward route scans them reversed)."""
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if positions is None and self.ssm.uses_fused_routes(x):
-            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True)
+        if positions is None and self.conv1d.kernel_size[0] <= MAX_CONV_WIDTH and self.ssm.uses_fused_routes(x):
+            # both directions' conv + SiLU in one kernel pass, written in the layout the fused scan reads
+            routes = bidirectional_conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            y = self.ssm.forward_pixels(routes, self.pattern, per_route=True)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape
@@ -103,27 +107,6 @@ class BiMambaMixer(nn.Module):
         gated = y.transpose(1, 2) * F.silu(z)
         out = self.out_proj(gated)
         return (out, token_importance(gated)) if with_importance else out
-
-    def _conv_in_token_order(self, x: Tensor) -> Tensor:
-        """Both directions' conv + act in token order, for the fused kernel: (batch, L, d) -> (batch, 2, d, L).
-
-        The backward direction's causal conv over the reversed sequence is, in token order, an anti-causal
-        conv with the flipped kernel. Both are d_conv multiply-adds of shifted token windows: direction 0
-        reads the sequence padded on the left, direction 1 the sequence padded on the right. Computed on
-        channels-last tokens, so the result keeps channels innermost, as the kernel reads them.
-        """
-        length, channels = x.shape[1:]
-        width = self.conv1d.kernel_size[0]
-        padded = torch.stack((F.pad(x, (0, 0, width - 1, 0)), F.pad(x, (0, 0, 0, width - 1))), dim=2)
-        weight = self.conv1d.weight.view(2, channels, width)
-        taps = torch.stack((weight[0], weight[1].flip(-1))).permute(2, 0, 1).contiguous()  # (tap, direction, channel)
-        if self.conv1d.bias is None:
-            out = padded[:, :length] * taps[0]
-        else:
-            out = torch.addcmul(self.conv1d.bias.view(2, channels), padded[:, :length], taps[0])
-        for tap in range(1, width):
-            out = torch.addcmul(out, padded[:, tap:tap + length], taps[tap])
-        return self.act(out).permute(0, 2, 3, 1)
 
 
 class VimBlock(nn.Module):
