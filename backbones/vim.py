@@ -94,9 +94,11 @@ class BiMambaMixer(nn.Module):
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
         if positions is None and self.conv1d.kernel_size[0] <= MAX_CONV_WIDTH and self.ssm.uses_fused_routes(x):
-            # both directions' conv + SiLU in one kernel pass, written in the layout the fused scan reads
+            # Both directions' conv + SiLU in one kernel pass, in the layout the fused scan reads; the scan
+            # gates each direction before merging them (the mean of silu(z) * y_k is silu(z) times their mean).
             routes = bidirectional_conv_silu(x, self.conv1d.weight, self.conv1d.bias)
-            y = self.ssm.forward_pixels(routes, self.pattern, per_route=True)
+            gated = self.ssm.forward_pixels(routes, self.pattern, per_route=True, gate=z.transpose(1, 2))
+            gated = gated.transpose(1, 2)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape
@@ -104,7 +106,7 @@ class BiMambaMixer(nn.Module):
             routes = self.act(routes).view(batch, num_routes, channels, length)
             route_positions = None if positions is None else self.pattern.scan(positions.unsqueeze(1))[:, :, 0]
             y = self.pattern.merge(self.ssm(routes, positions=route_positions), (length,))
-        gated = y.transpose(1, 2) * F.silu(z)
+            gated = y.transpose(1, 2) * F.silu(z)
         out = self.out_proj(gated)
         return (out, token_importance(gated)) if with_importance else out
 

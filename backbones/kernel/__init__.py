@@ -1,7 +1,9 @@
 """The fused CPU selective scan: build, load, and call ``csrc/selective_scan.cpp``.
 
 The same library holds Vim's fused causal conv + SiLU (``csrc/causal_conv.cpp``, wrapped in
-``backbones.kernel.conv``). The kernel is optional. ``python -m backbones.kernel build`` compiles it (a few seconds, any C++17
+``backbones.kernel.conv``).
+
+The kernel is optional. ``python -m backbones.kernel build`` compiles it (a few seconds, any C++17
 compiler with OpenMP) into ``backbones/_kernels/``, once per instruction-set level: ``avx512``
 (x86-64-v4, 16 floats per vector), ``avx2`` (x86-64-v3, 8) and ``baseline`` (x86-64 SSE2, or NEON on
 aarch64, 4). Nothing is compiled at import time; without a built kernel everything runs on the
