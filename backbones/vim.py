@@ -70,6 +70,10 @@ class BiMambaMixer(nn.Module):
         d_conv: kernel of the causal depthwise conv1d of each direction.
         dt_rank: rank of the dt projections ("auto" = ceil(dim / 16)).
         scan_backend: selective-scan backend.
+
+    When the scan runs on the fused CPU kernel (and without pruning positions), both directions' conv + SiLU
+    run as one kernel pass in token order (``backbones.kernel.conv``) and the scan gates each direction
+    before its merge; otherwise the routes are copied, convolved, scanned and merged in PyTorch.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,

@@ -17,10 +17,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from backbones import kernel, vim
+from backbones import vim
 from backbones.kernel.conv import bidirectional_conv_silu, causal_conv_silu_cpu
 from tests.test_scan_fast import relative_error
-from tests.test_scan_kernel import LEVELS, isa, needs_kernel, no_kernel  # noqa: F401 (isa, no_kernel: fixtures)
+from tests.test_scan_kernel import assert_threads_and_levels_agree, isa, needs_kernel, no_kernel  # noqa: F401 (fixtures)
 
 FORWARD_TOL, GRAD_TOL = 5e-6, 1e-5
 
@@ -94,22 +94,7 @@ def test_isa_levels_agree_and_threads_do_not_change_results():
         y, grads = run_with_grads(bidirectional_conv_silu, inputs, grad_out)
         return [y, *grads]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-        torch.set_num_threads(2)
-        double = run()
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(single, double))
-    for level in LEVELS:
-        kernel.select_isa(level)
-        try:
-            other = run()
-        finally:
-            kernel.select_isa(None)
-        assert all(relative_error(b, a.double()) <= 1e-6 for a, b in zip(single, other)), level
+    assert_threads_and_levels_agree(run)
 
 
 @needs_kernel
@@ -190,14 +175,10 @@ def test_vim_mixer_runs_the_fused_conv_and_matches_the_pure_pytorch_path(monkeyp
 
 
 @needs_kernel
-def test_torch_export_keeps_the_fused_conv():
-    torch.manual_seed(0)
-    model = timm.create_model("test_vim", scan_backend="fused").eval()
-    x = torch.randn(2, 3, 32, 32)
-    program = torch.export.export(model, (x,))
-    assert "mambalab.causal_conv_silu_cpu" in str(program.graph)
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+def test_vim_mixer_with_a_conv_wider_than_the_kernel_takes_the_pytorch_conv(monkeypatch):
+    calls = count_conv_calls(monkeypatch)
+    mixer = vim.BiMambaMixer(16, d_state=4, d_conv=9, scan_backend="fused")
+    assert mixer(torch.randn(1, 12, 16)).shape == (1, 12, 16) and calls == []
 
 
 @pytest.mark.usefixtures("no_kernel")

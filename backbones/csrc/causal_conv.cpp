@@ -13,12 +13,14 @@
 // channels, channels innermost, which is the layout the selective scan's route-aware path reads in place.
 //
 // Work split. A task is one batch element and one block of kBlock tokens (a fixed split, so results do not
-// depend on the thread count); inside it the channels are walked one vector of W lanes at a time (a partial
-// vector for the last channels), the tokens one by one. Backward recomputes the pre-activations a instead
-// of saving them: a task computes g_k,t = dy_k,t * silu'(a_k,t) over its block plus the width - 1 tokens
-// either side that its dx needs, then dx_t = sum_j w0[j] g0_{t + (width - 1) - j} + w1[j] g1_{t - (width - 1)
-// + j}. The weight and bias gradients are summed in fp32 over a task's tokens, written as per-task partial
-// rows, and summed over tasks in double in task order (a fixed order).
+// depend on the thread count). Inside it the tokens are walked one by one and, for each, the channels one
+// vector of W lanes at a time (a partial vector for the last channels), so every token's row of x, y, dy and
+// dx is read or written in one sequential sweep. Backward recomputes the pre-activations a instead of saving
+// them: a task computes g_k,t = dy_k,t * silu'(a_k,t) over its block plus the width - 1 tokens either side
+// that its dx needs, keeping the last 2 width - 1 rows of g in a ring, and
+// dx_t = sum_j w0[j] g0_{t + (width - 1) - j} + w1[j] g1_{t - (width - 1) + j}. The weight and bias gradients
+// are summed in fp32 over a task's tokens into per-task partial rows, then over tasks in double in task
+// order (a fixed order).
 
 #include <algorithm>
 #include <cstdint>
@@ -92,88 +94,93 @@ inline vec exp_approx(vec x) {
 
 inline vec sigmoid(vec a) { return 1.0f / (1.0f + exp_approx(-a)); }
 
-// One task's view of the problem: its batch element, channel vector and the zero padding outside the sequence.
-struct Tile {
-    const mcc_problem& p;
-    const float* x;  // batch element b, channel c0
-    int64_t c0;
-    int lanes;
-    vec w[2][kMaxWidth], bias[2];
-
-    Tile(const mcc_problem& problem, int64_t b, int64_t c0_, int lanes_)
-        : p(problem), x(problem.x + b * problem.x_batch + c0_), c0(c0_), lanes(lanes_) {
-        for (int k = 0; k < 2; ++k) {
-            for (int j = 0; j < p.width; ++j) w[k][j] = load_lanes(p.weight + (k * p.width + j) * p.channels + c0, lanes);
-            bias[k] = p.bias ? load_lanes(p.bias + k * p.channels + c0, lanes) : vec{};
-        }
+// The 2K - 1 tokens t - (K - 1) .. t + (K - 1) of batch element x, channels c0.. (zero outside the sequence).
+template <int K>
+inline void window(const mcc_problem& p, const float* x, int64_t t, int64_t c0, int lanes, vec* win) {
+    for (int i = 0; i < 2 * K - 1; ++i) {
+        const int64_t s = t - (K - 1) + i;
+        win[i] = s < 0 || s >= p.length ? vec{} : load_lanes(x + s * p.x_token + c0, lanes);
     }
+}
 
-    vec token(int64_t t) const {
-        return t < 0 || t >= p.length ? vec{} : load_lanes(x + t * p.x_token, lanes);
+// Tap j of direction k multiplies this window entry: direction 0 reads x_{t - (K - 1) + j}, direction 1
+// x_{t + (K - 1) - j}.
+template <int K>
+constexpr int tap(int k, int j) { return k ? 2 * K - 2 - j : j; }
+
+// Pre-activations of both directions from the window around a token.
+template <int K>
+inline void pre(const mcc_problem& p, const vec* win, int64_t c0, int lanes, vec* a) {
+    for (int k = 0; k < 2; ++k) {
+        a[k] = p.bias ? load_lanes(p.bias + k * p.channels + c0, lanes) : vec{};
+        for (int j = 0; j < K; ++j)
+            a[k] += load_lanes(p.weight + (k * K + j) * p.channels + c0, lanes) * win[tap<K>(k, j)];
     }
+}
 
-    // Pre-activations of both directions at token t.
-    template <int K>
-    void pre(int64_t t, vec* a) const {
-        a[0] = bias[0];
-        a[1] = bias[1];
-        for (int j = 0; j < K; ++j) {
-            a[0] += w[0][j] * token(t - (K - 1) + j);
-            a[1] += w[1][j] * token(t + (K - 1) - j);
-        }
-    }
-};
-
+// Tokens outer, channels inner: every token's row of x and y is read and written in one sweep.
 template <int K>
 void forward_task(const mcc_problem& p, int64_t b, int64_t t0, int64_t t1, float* y) {
-    for (int64_t c0 = 0; c0 < p.channels; c0 += W) {
-        const Tile tile(p, b, c0, int(std::min<int64_t>(W, p.channels - c0)));
-        for (int64_t t = t0; t < t1; ++t) {
-            vec a[2];
-            tile.pre<K>(t, a);
-            float* out = y + ((b * p.length + t) * 2) * p.channels + c0;
-            store_lanes(out, a[0] * sigmoid(a[0]), tile.lanes);
-            store_lanes(out + p.channels, a[1] * sigmoid(a[1]), tile.lanes);
+    const float* x = p.x + b * p.x_batch;
+    for (int64_t t = t0; t < t1; ++t) {
+        float* out = y + (b * p.length + t) * 2 * p.channels;
+        for (int64_t c0 = 0; c0 < p.channels; c0 += W) {
+            const int lanes = int(std::min<int64_t>(W, p.channels - c0));
+            vec win[2 * K - 1], a[2];
+            window<K>(p, x, t, c0, lanes, win);
+            pre<K>(p, win, c0, lanes, a);
+            for (int k = 0; k < 2; ++k) store_lanes(out + k * p.channels + c0, a[k] * sigmoid(a[k]), lanes);
         }
     }
 }
 
-// partial: this task's rows (2 directions x (width taps + bias) x channels) of the weight/bias gradient sums.
+// g = dy * silu'(a) of the tokens [lo, hi) = [t0, t1) and the K - 1 either side, in one sweep; the last 2K - 1
+// tokens' g rows stay in a ring, from which dx of token s - (K - 1) follows once token s is done. partial:
+// this task's rows (2 directions x (K taps + bias) x channels) of the weight/bias gradient sums.
 template <int K>
 void backward_task(const mcc_problem& p, int64_t b, int64_t t0, int64_t t1, const float* gy, float* dx,
                    float* partial) {
+    constexpr int64_t kRing = 2 * kMaxWidth;  // >= 2K - 1 rows
     const int64_t lo = std::max<int64_t>(0, t0 - (K - 1)), hi = std::min(p.length, t1 + (K - 1));
-    vec g[2][kBlock + 2 * (kMaxWidth - 1)];  // g over [lo, hi)
-    for (int64_t c0 = 0; c0 < p.channels; c0 += W) {
-        const Tile tile(p, b, c0, int(std::min<int64_t>(W, p.channels - c0)));
-        vec dw[2][K] = {}, dbias[2] = {};
-        for (int64_t t = lo; t < hi; ++t) {
-            vec a[2];
-            tile.pre<K>(t, a);
-            const float* dy = gy + ((b * p.length + t) * 2) * p.channels + c0;
-            for (int k = 0; k < 2; ++k) {
-                const vec s = sigmoid(a[k]);
-                g[k][t - lo] = load_lanes(dy + k * p.channels, tile.lanes) * s * (1.0f + a[k] * (1.0f - s));
-            }
-            if (t < t0 || t >= t1) continue;
-            dbias[0] += g[0][t - lo];
-            dbias[1] += g[1][t - lo];
-            for (int j = 0; j < K; ++j) {
-                dw[0][j] += g[0][t - lo] * tile.token(t - (K - 1) + j);
-                dw[1][j] += g[1][t - lo] * tile.token(t + (K - 1) - j);
+    const int64_t C = p.channels;
+    const float* x = p.x + b * p.x_batch;
+    std::vector<float> ring(size_t(kRing * 2 * C));
+    std::fill(partial, partial + 2 * (K + 1) * C, 0.0f);
+    auto g_row = [&](int64_t s) { return ring.data() + s % kRing * 2 * C; };
+    for (int64_t s = lo; s < t1 + K - 1; ++s) {
+        if (s < hi) {
+            const float* dy = gy + (b * p.length + s) * 2 * C;
+            float* g = g_row(s);
+            for (int64_t c0 = 0; c0 < C; c0 += W) {
+                const int lanes = int(std::min<int64_t>(W, C - c0));
+                vec win[2 * K - 1], a[2];
+                window<K>(p, x, s, c0, lanes, win);
+                pre<K>(p, win, c0, lanes, a);
+                for (int k = 0; k < 2; ++k) {
+                    const vec sig = sigmoid(a[k]);
+                    const vec gk = load_lanes(dy + k * C + c0, lanes) * sig * (1.0f + a[k] * (1.0f - sig));
+                    store_lanes(g + k * C + c0, gk, lanes);
+                    if (s < t0 || s >= t1) continue;
+                    float* rows = partial + k * (K + 1) * C + c0;
+                    for (int j = 0; j < K; ++j)
+                        store_lanes(rows + j * C, load_lanes(rows + j * C, lanes) + gk * win[tap<K>(k, j)], lanes);
+                    store_lanes(rows + K * C, load_lanes(rows + K * C, lanes) + gk, lanes);
+                }
             }
         }
-        auto grad = [&](int k, int64_t t) { return t < lo || t >= hi ? vec{} : g[k][t - lo]; };
-        for (int64_t t = t0; t < t1; ++t) {
+        const int64_t t = s - (K - 1);
+        if (t < t0) continue;
+        auto g_at = [&](int64_t u, int k, int64_t c0, int lanes) {
+            return u < lo || u >= hi ? vec{} : load_lanes(g_row(u) + k * C + c0, lanes);
+        };
+        for (int64_t c0 = 0; c0 < C; c0 += W) {
+            const int lanes = int(std::min<int64_t>(W, C - c0));
             vec sum{};
-            for (int j = 0; j < K; ++j)
-                sum += tile.w[0][j] * grad(0, t + (K - 1) - j) + tile.w[1][j] * grad(1, t - (K - 1) + j);
-            store_lanes(dx + (b * p.length + t) * p.channels + c0, sum, tile.lanes);
-        }
-        for (int k = 0; k < 2; ++k) {
-            float* rows = partial + k * (K + 1) * p.channels + c0;
-            for (int j = 0; j < K; ++j) store_lanes(rows + j * p.channels, dw[k][j], tile.lanes);
-            store_lanes(rows + K * p.channels, dbias[k], tile.lanes);
+            for (int j = 0; j < K; ++j) {
+                sum += load_lanes(p.weight + j * C + c0, lanes) * g_at(t + (K - 1) - j, 0, c0, lanes);
+                sum += load_lanes(p.weight + (K + j) * C + c0, lanes) * g_at(t - (K - 1) + j, 1, c0, lanes);
+            }
+            store_lanes(dx + (b * p.length + t) * C + c0, sum, lanes);
         }
     }
 }
