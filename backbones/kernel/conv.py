@@ -66,7 +66,7 @@ def _problem(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[_ConvPr
         tokens = tokens.contiguous()
     batch, length, channels = tokens.shape
     width = weight.shape[2]
-    taps = weight.detach().float().view(2, channels, width).transpose(1, 2).contiguous()  # (direction, tap, channel)
+    taps = weight.detach().float().reshape(2, channels, width).transpose(1, 2).contiguous()  # direction, tap, channel
     biases = None if bias is None else bias.detach().float().contiguous()
     problem = _ConvProblem(tokens.data_ptr(), tokens.stride(0), tokens.stride(1), taps.data_ptr(),
                            None if biases is None else biases.data_ptr(), batch, length, channels, width,
@@ -110,7 +110,7 @@ def causal_conv_silu_cpu_backward(grad: Tensor, x: Tensor, weight: Tensor, bias:
 
 @causal_conv_silu_cpu_backward.register_fake
 def _(grad, x, weight, bias):
-    return [torch.empty_like(t) for t in (x, weight, bias) if t is not None]
+    return [t.new_empty(t.shape) for t in (x, weight, bias) if t is not None]  # contiguous, as the kernel's
 
 
 def _setup_context(ctx, inputs, output) -> None:
