@@ -84,6 +84,19 @@ def test_widths_up_to_the_kernel_limit():
 
 
 @needs_kernel
+def test_saturated_pre_activations():
+    """Pre-activations far out on both sides (|a| up to ~400, where e^-a overflows float32) give SiLU and its
+    derivative as float64 does: a or 0, gradient 1 or 0."""
+    x, weight, bias = make_inputs(2, 30, 20, 4, True)
+    inputs = [x * 100, weight, bias]
+    grad_out = torch.randn(2, 2, 20, 30, generator=torch.Generator().manual_seed(1))
+    got, grads = run_with_grads(bidirectional_conv_silu, inputs, grad_out)
+    expected, expected_grads = run_with_grads(conv_oracle, [t.double() for t in inputs], grad_out)
+    assert torch.isfinite(got).all() and relative_error(got, expected) <= FORWARD_TOL
+    assert all(relative_error(a, b) <= GRAD_TOL for a, b in zip(grads, expected_grads))
+
+
+@needs_kernel
 def test_isa_levels_agree_and_threads_do_not_change_results():
     """The weight and bias gradients are summed per fixed 64-token block and then over blocks in order, so
     any thread count gives the same bits; the levels differ by round-off only."""
