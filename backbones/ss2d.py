@@ -131,7 +131,8 @@ class RouteSSM(nn.Module):
         return pattern.merge(ys, x.shape[2:]) if merge else ys
 
     def forward_pixels(self, x: Tensor, pattern: ScanPattern, routes: slice = slice(None), merge: bool = True,
-                       per_route: bool = False, positions: Optional[Tensor] = None) -> Tensor:
+                       per_route: bool = False, positions: Optional[Tensor] = None,
+                       gate: Optional[Tensor] = None) -> Tensor:
         """The routes of ``pattern`` scanned on the fused kernel with every tensor kept in pixel order.
 
         x is the map (batch, d_inner, *spatial) that every route reads, or with ``per_route`` each route's
@@ -142,6 +143,8 @@ class RouteSSM(nn.Module):
         channels-last view), or with ``merge=False`` the route outputs (batch, K', d_inner, length).
         ``positions`` (batch, *spatial): for pruned sequences, each token's unpruned index (the aligned scan,
         as ``forward``'s); each route's gaps follow its own scan order, so a reversed route is still read in place.
+        ``gate`` (batch, d_inner, *spatial): every route's output is multiplied by silu(gate) at its pixel
+        (Mamba's z branch, applied before the merge).
         """
         spatial = x.shape[3 if per_route else 2:]
         table = pattern.route_table(spatial)
@@ -162,7 +165,8 @@ class RouteSSM(nn.Module):
             gaps = position_gaps(route_positions, table.shape[0]).squeeze(2).float()
         call = ScanCall("fused", u.shape[0], table.shape[0] * channels, table.shape[1], self.d_state, table.shape[0],
                         True, False, u.dtype, u.device, 0.0)
-        y = observed(lambda: scan_routes(u, dts, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1), Ds,
+        z = None if gate is None else gate.flatten(-len(spatial))
+        y = observed(lambda: scan_routes(u, dts, A, Bs.permute(0, 2, 3, 1), Cs.permute(0, 2, 3, 1), Ds, z,
                                          delta_bias=dt_bias, delta_softplus=True, table=table,
                                          merge_weight=pattern.merge_weight, merged=merge, gaps=gaps), call)
         return y.unflatten(-1, spatial) if merge else y

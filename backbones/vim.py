@@ -51,6 +51,8 @@ from torch import Tensor, nn
 
 from ._checkpoint import unwrap_state_dict, with_own_weights
 from ._features import MambaBackbone, build_backbone, imagenet_cfg
+from .kernel.conv import MAX_WIDTH as MAX_CONV_WIDTH
+from .kernel.conv import bidirectional_conv_silu
 from .pruning import PruneConfig, gather_tokens, select_tokens, token_importance
 from .scan_patterns import BidirectionalScan
 from .ss2d import RouteSSM, resolve_dt_rank
@@ -68,6 +70,10 @@ class BiMambaMixer(nn.Module):
         d_conv: kernel of the causal depthwise conv1d of each direction.
         dt_rank: rank of the dt projections ("auto" = ceil(dim / 16)).
         scan_backend: selective-scan backend.
+
+    When the scan runs on the fused CPU kernel (and without pruning positions), both directions' conv + SiLU
+    run as one kernel pass in token order (``backbones.kernel.conv``) and the scan gates each direction
+    before its merge; otherwise the routes are copied, convolved, scanned and merged in PyTorch.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -91,8 +97,14 @@ class BiMambaMixer(nn.Module):
         pruning-aware aligned scan (the backward route scans them reversed)."""
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.ssm.uses_fused_routes(x):
-            y = self.ssm.forward_pixels(self._conv_in_token_order(x), self.pattern, per_route=True, positions=positions)
+        if self.conv1d.kernel_size[0] <= MAX_CONV_WIDTH and self.ssm.uses_fused_routes(x):
+            # Both directions' conv + SiLU in one kernel pass, in the layout the fused scan reads; the scan
+            # gates each direction before merging them (the mean of silu(z) * y_k is silu(z) times their mean)
+            # and, for a pruned sequence, decays over the skipped positions of each route's own order.
+            routes = bidirectional_conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            gated = self.ssm.forward_pixels(routes, self.pattern, per_route=True, positions=positions,
+                                            gate=z.transpose(1, 2))
+            gated = gated.transpose(1, 2)
         else:
             routes = self.pattern.scan(x.transpose(1, 2))
             batch, num_routes, channels, _ = routes.shape
@@ -100,30 +112,9 @@ class BiMambaMixer(nn.Module):
             routes = self.act(routes).view(batch, num_routes, channels, length)
             route_positions = None if positions is None else self.pattern.scan(positions.unsqueeze(1))[:, :, 0]
             y = self.pattern.merge(self.ssm(routes, positions=route_positions), (length,))
-        gated = y.transpose(1, 2) * F.silu(z)
+            gated = y.transpose(1, 2) * F.silu(z)
         out = self.out_proj(gated)
         return (out, token_importance(gated)) if with_importance else out
-
-    def _conv_in_token_order(self, x: Tensor) -> Tensor:
-        """Both directions' conv + act in token order, for the fused kernel: (batch, L, d) -> (batch, 2, d, L).
-
-        The backward direction's causal conv over the reversed sequence is, in token order, an anti-causal
-        conv with the flipped kernel. Both are d_conv multiply-adds of shifted token windows: direction 0
-        reads the sequence padded on the left, direction 1 the sequence padded on the right. Computed on
-        channels-last tokens, so the result keeps channels innermost, as the kernel reads them.
-        """
-        length, channels = x.shape[1:]
-        width = self.conv1d.kernel_size[0]
-        padded = torch.stack((F.pad(x, (0, 0, width - 1, 0)), F.pad(x, (0, 0, 0, width - 1))), dim=2)
-        weight = self.conv1d.weight.view(2, channels, width)
-        taps = torch.stack((weight[0], weight[1].flip(-1))).permute(2, 0, 1).contiguous()  # (tap, direction, channel)
-        if self.conv1d.bias is None:
-            out = padded[:, :length] * taps[0]
-        else:
-            out = torch.addcmul(self.conv1d.bias.view(2, channels), padded[:, :length], taps[0])
-        for tap in range(1, width):
-            out = torch.addcmul(out, padded[:, tap:tap + length], taps[tap])
-        return self.act(out).permute(0, 2, 3, 1)
 
 
 class VimBlock(nn.Module):

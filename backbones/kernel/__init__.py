@@ -1,5 +1,8 @@
 """The fused CPU selective scan: build, load, and call ``csrc/selective_scan.cpp``.
 
+The same library holds Vim's fused causal conv + SiLU (``csrc/causal_conv.cpp``, wrapped in
+``backbones.kernel.conv``).
+
 The kernel is optional. ``python -m backbones.kernel build`` compiles it (a few seconds, any C++17
 compiler with OpenMP) into ``backbones/_kernels/``, once per instruction-set level: ``avx512``
 (x86-64-v4, 16 floats per vector), ``avx2`` (x86-64-v3, 8) and ``baseline`` (x86-64 SSE2, or NEON on
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-SOURCE = PACKAGE_DIR / "csrc" / "selective_scan.cpp"
+SOURCES = (PACKAGE_DIR / "csrc" / "selective_scan.cpp", PACKAGE_DIR / "csrc" / "causal_conv.cpp")  # one library
 BUILD_DIR = PACKAGE_DIR / "_kernels"
 MANIFEST = BUILD_DIR / "manifest.json"
 ISA_ENV = "MAMBALAB_SCAN_ISA"
@@ -91,7 +94,7 @@ def torch_openmp_library() -> Optional[str]:
 
 
 def _source_hash() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()
 
 
 def _replace(path: Path, write) -> None:
@@ -107,13 +110,14 @@ def _replace(path: Path, write) -> None:
 
 def _compile(compiler: str, flags: list[str], width: int, openmp: Optional[str], out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        obj = Path(tmp) / "scan.o"
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
         common = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wall", f"-DMLS_WIDTH={width}", *flags]
-        subprocess.run([compiler, *common, *(["-fopenmp"] if openmp else []), "-c", str(SOURCE), "-o", str(obj)],
-                       check=True, capture_output=True, text=True)
+        for source, obj in zip(SOURCES, objects):
+            subprocess.run([compiler, *common, *(["-fopenmp"] if openmp else []), "-c", str(source), "-o", obj],
+                           check=True, capture_output=True, text=True)
         # link against torch's own OpenMP runtime (not -fopenmp's), so one thread pool serves both
         _replace(out, lambda partial: subprocess.run(
-            [compiler, "-shared", str(obj), *([openmp] if openmp else []), "-o", str(partial)],
+            [compiler, "-shared", *objects, *([openmp] if openmp else []), "-o", str(partial)],
             check=True, capture_output=True, text=True))
 
 
