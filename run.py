@@ -79,12 +79,17 @@ def backbone_interface(head_target: str) -> tuple[dict, Callable[[nn.Module], di
     """What the backbone is built to return for this head, and what the head is told about it.
 
     A head class declares ``inputs`` (``heads.interface.HeadInputs``): ``POOLED`` (one pooled vector per
-    image, e.g. a classifier) or ``FEATURES`` (multi-scale NCHW maps, e.g. dense heads).
+    image, e.g. a classifier), ``FEATURES`` (multi-scale NCHW maps, e.g. dense heads) or
+    ``FEATURES_AND_STAGE_INPUTS`` (those maps, then the stages' inputs: VM-UNet's decoder).
     """
-    if head_inputs(hydra.utils.get_class(head_target)) is HeadInputs.POOLED:
+    inputs = head_inputs(hydra.utils.get_class(head_target))
+    if inputs is HeadInputs.POOLED:
         return dict(num_classes=0), lambda backbone: dict(in_features=backbone.num_features)
-    return dict(features_only=True), lambda backbone: dict(in_channels=backbone.feature_info.channels(),
-                                                            strides=backbone.feature_info.reduction())
+    backbone_kwargs = dict(features_only=True)
+    if inputs is HeadInputs.FEATURES_AND_STAGE_INPUTS:
+        backbone_kwargs["stage_inputs"] = True
+    return backbone_kwargs, lambda backbone: dict(in_channels=backbone.feature_info.channels(),
+                                                  strides=backbone.feature_info.reduction())
 
 
 def data_inputs(task_target: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:

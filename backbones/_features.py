@@ -34,7 +34,9 @@ class MambaBackbone(nn.Module):
     attribute that ``prune_norm`` replaces with ``nn.Identity`` (None when there is no final norm);
     ``level_modules``, whether timm's module-based feature extractors can read the levels (a model with
     feature norms sets it to False for itself: its levels are the norms' outputs, which ``forward`` never
-    computes).
+    computes); ``has_stage_inputs``, whether the levels are ``stages`` entries' outputs (``Stage``: downsample,
+    then ``forward_downsampled``), so that ``forward_intermediates(stage_inputs=True)`` can also return each
+    level's stage input, the map entering its blocks (VM-UNet's skips; ``build_backbone(stage_inputs=True)``).
     """
 
     global_pools: Tuple[str, ...] = ("avg", "")
@@ -42,6 +44,8 @@ class MambaBackbone(nn.Module):
     # Whether each feature level is the output of its ``feature_info`` module in ``forward``, which timm's
     # hook and FX feature extractors read (``features_only`` with ``feature_cls`` other than "getter").
     level_modules: bool = True
+    # Whether the staged ``_forward_levels`` below computes the levels (the staged skeletons set it).
+    has_stage_inputs: bool = False
 
     def _init_classifier(self, num_features: int, num_classes: int, drop_rate: float = 0.0,
                          global_pool: str = "avg") -> None:
@@ -110,17 +114,25 @@ class MambaBackbone(nn.Module):
             if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = enable
 
-    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool) -> Tuple[Any, List[Tensor]]:
+    def _forward_levels(self, x: Tensor, indices: List[int], stop_early: bool,
+                        stage_inputs: bool = False) -> Tuple[Any, List[Tensor]]:
         """The model's state after its last level (for ``_finish_features``) and the NCHW maps of the levels
-        ``indices`` (increasing); with ``stop_early`` the model may stop after the last of them."""
+        ``indices`` (increasing), followed with ``stage_inputs`` by the same levels' stage inputs (each stage's
+        ``downsample`` output); with ``stop_early`` the model may stop after the last of them."""
         stages = self.stages[: indices[-1] + 1] if stop_early else self.stages
-        maps = []
+        maps, inputs = [], []
         x = self.stem(x)
         for index, stage in enumerate(stages):
-            x = stage(x)
+            if stage_inputs:
+                x = stage.downsample(x)
+                if index in indices:
+                    inputs.append(x)
+                x = stage.forward_downsampled(x)
+            else:
+                x = stage(x)
             if index in indices:
                 maps.append(x)
-        return x, maps
+        return x, maps + inputs
 
     def _finish_features(self, state: Any) -> Tensor:
         """``forward_features``'s output from the state ``_forward_levels`` ends in."""
@@ -147,14 +159,28 @@ class MambaBackbone(nn.Module):
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+                              intermediates_only: bool = False,
+                              stage_inputs: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """The maps of the feature levels in ``indices`` (all by default), finest first, and
-        ``forward_features``'s output (of the part that ran, with ``stop_early``)."""
+        ``forward_features``'s output (of the part that ran, with ``stop_early``).
+
+        With ``stage_inputs`` (staged families, ``has_stage_inputs``) the level maps are followed by the same
+        levels' stage inputs, as they enter the stages' blocks (after ``downsample``; level 0's is the stem's
+        output): the same channels and strides, and no norm (``feature_norms`` and ``norm`` act on the levels).
+        """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if stage_inputs and not self.has_stage_inputs:
+            raise ValueError(f"{type(self).__name__} has no stage inputs (stage_inputs=True): its feature levels are "
+                             f"not the outputs of downsample-then-blocks stages")
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         levels = sorted(set(take_indices))
-        state, maps = self._forward_levels(x, levels, stop_early and not torch.jit.is_scripting())
+        stop_early = stop_early and not torch.jit.is_scripting()
+        if stage_inputs:
+            state, maps = self._forward_levels(x, levels, stop_early, stage_inputs=True)
+            maps, inputs = maps[: len(levels)], maps[len(levels):]
+        else:
+            (state, maps), inputs = self._forward_levels(x, levels, stop_early), []
         last = len(self.feature_info) - 1
         feature_norms = getattr(self, "feature_norms", None)
         intermediates = []
@@ -163,7 +189,10 @@ class MambaBackbone(nn.Module):
                 feature = feature_norms[index](feature)
             elif norm and index == last:
                 feature = self._norm_level(feature)
-            intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
+            intermediates.append(feature)
+        intermediates += inputs
+        if output_fmt == "NHWC":
+            intermediates = [feature.permute(0, 2, 3, 1) for feature in intermediates]
         return intermediates if intermediates_only else (self._finish_features(state), intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
@@ -183,6 +212,17 @@ class MambaBackbone(nn.Module):
         if prune_head:
             self._prune_head()
         return take_indices
+
+
+class StageInputFeatures(FeatureGetterNet):
+    """timm's ``features_only`` wrapper (``feature_cls="getter"``) whose output is the levels' maps followed by
+    their stage inputs (``forward_intermediates(stage_inputs=True)``): what ``build_backbone(stage_inputs=True)``
+    builds for heads that read ``HeadInputs.FEATURES_AND_STAGE_INPUTS``."""
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm,
+                                                output_fmt=self.output_fmt, intermediates_only=True,
+                                                stage_inputs=True)
 
 
 def imagenet_cfg(url: str = "", **kwargs: Any) -> dict:
@@ -212,7 +252,7 @@ def factory_defaults(device: Optional[Union[str, torch.device]] = None,
 
 def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
                    device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
-                   dense_feature_norms: bool = False, **kwargs: Any) -> nn.Module:
+                   dense_feature_norms: bool = False, stage_inputs: bool = False, **kwargs: Any) -> nn.Module:
     """``build_model_with_cfg`` with ``features_only`` served by ``forward_intermediates`` (four levels
     unless ``out_indices`` says otherwise).
 
@@ -221,7 +261,9 @@ def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
     memory, ``device="cuda"`` initialises directly on the GPU. Pretrained weights load after construction,
     from converted weights on disk only (``require_local_weights``: nothing is downloaded). With
     ``dense_feature_norms`` (families whose official dense backbones normalise every level), a
-    ``features_only`` model gets per-level ``feature_norms`` unless the caller says otherwise.
+    ``features_only`` model gets per-level ``feature_norms`` unless the caller says otherwise. With
+    ``stage_inputs`` (``features_only`` of a staged family), the output is the levels' maps followed by their
+    stage inputs (``StageInputFeatures``).
     """
     require_local_weights(variant, pretrained, kwargs)
     if dense_feature_norms:
@@ -230,10 +272,20 @@ def build_backbone(model_cls: type, variant: str, pretrained: bool = False,
                    **kwargs.pop("feature_cfg", {})}
     feature_cls = kwargs.get("feature_cls", feature_cfg["feature_cls"])
     module_extractor = kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet)
+    if stage_inputs:
+        if not kwargs.get("features_only") or module_extractor:
+            raise ValueError(f"{variant}: stage_inputs=True needs features_only=True with feature_cls='getter', "
+                             f"got features_only={kwargs.get('features_only')!r}, feature_cls={feature_cls!r}")
+        kwargs.pop("feature_cls", None)
+        feature_cfg["feature_cls"] = StageInputFeatures
 
     def construct(**model_kwargs: Any) -> nn.Module:
         with factory_defaults(device, dtype):
             model = model_cls(**model_kwargs)
+        if stage_inputs and not model.has_stage_inputs:
+            raise ValueError(f"{variant}: stage_inputs=True needs a staged backbone (VMamba, MSVMamba, "
+                             f"EfficientVMamba, GroupMamba, MHS-VM), whose levels are downsample-then-blocks "
+                             f"stages; {type(model).__name__}'s are not")
         if module_extractor and not model.level_modules:
             hint = (" (each level goes through its feature_norms outside forward; VMamba, MSVMamba and "
                     "EfficientVMamba without them, feature_norms=False, give the stages' outputs)"

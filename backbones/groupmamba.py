@@ -185,6 +185,8 @@ class GroupMamba(MambaBackbone):
         scan_backend: selective-scan backend.
     """
 
+    has_stage_inputs = True
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (3, 4, 9, 3),
                  embed_dims: Sequence[int] = (64, 128, 348, 448), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  stem_hidden_dim: int = 32, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3,

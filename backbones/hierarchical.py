@@ -49,6 +49,8 @@ class HierarchicalMamba(MambaBackbone):
         **block_kwargs: passed to every block (the family's block options, e.g. VSSBlock's ``d_state``).
     """
 
+    has_stage_inputs = True
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 9, 2),
                  dims: Union[int, Sequence[int]] = 96, block_layer: Union[BlockLayer, Sequence[BlockLayer]] = VSSBlock,
                  stage_layer: Union[StageLayer, Sequence[StageLayer]] = ChannelsLastStage,

@@ -166,15 +166,19 @@ class Stage(nn.Module):
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
+    def forward_downsampled(self, x: Tensor) -> Tensor:
+        """Blocks and norm on the NCHW map ``downsample`` returned (the stage's input, after downsampling)."""
+        return self.norm(self.run_blocks(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.run_blocks(self.downsample(x)))
+        return self.forward_downsampled(self.downsample(x))
 
 
 class ChannelsLastStage(Stage):
     """A stage whose blocks (and norm) run on channels-last maps; NCHW in and out, like every stage."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.run_blocks(self.downsample(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    def forward_downsampled(self, x: Tensor) -> Tensor:
+        return self.norm(self.run_blocks(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
 def build_stages(depths: Sequence[int], dims: Sequence[int], block_layer: Union[BlockLayer, Sequence[BlockLayer]],

@@ -19,10 +19,15 @@ class HeadInputs(Enum):
     ``POOLED``: one pooled vector per image (a classifier); the backbone is built with ``num_classes=0`` and
     the head receives ``in_features``. ``FEATURES``: the multi-scale NCHW maps (dense heads, detectors); the
     backbone is built with ``features_only=True`` and the head receives ``in_channels`` and ``strides``.
+    ``FEATURES_AND_STAGE_INPUTS``: those maps followed by each level's stage input, the map entering the
+    level's blocks after its downsample (same channels and stride; VM-UNet's skips); the backbone, a staged
+    family, is also built with ``stage_inputs=True``, and the head receives the levels' ``in_channels`` and
+    ``strides``.
     """
 
     POOLED = "pooled"
     FEATURES = "features"
+    FEATURES_AND_STAGE_INPUTS = "features_and_stage_inputs"
 
 
 @runtime_checkable

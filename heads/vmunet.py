@@ -1,19 +1,21 @@
 """VM-UNet decoder (Ruan & Xiang, arXiv 2402.02491): patch expanding, VSS blocks, additive skips, final x4 expand.
 
-Facts from the official code (JCruan519/VM-UNet, ``models/vmunet/vmamba.py``): the decoder mirrors the
-encoder with one stage per level, deepest first. Every stage but the deepest starts with a patch expand
-(``Linear(C_in, 4 C_out)`` without bias, a 2x2 pixel shuffle, ``LayerNorm(C_out)``), then runs vanilla
-VSS blocks (VMamba v0: d_state 16, expansion 2, z gate, no MLP). Skips are added, not concatenated. A final
-expand (``Linear(C, 16 C/4)``, 4x4 shuffle, ``LayerNorm(C/4)``) and a 1x1 conv give full-resolution logits.
+Facts from the official code (JCruan519/VM-UNet and its fork PixDeep/MHS-VM, ``models/vmunet/vmamba.py``,
+``VSSM.forward_features`` / ``forward_features_up``): the decoder mirrors the encoder with one stage per
+level, deepest first. It starts from the encoder's last map as it is (no norm: the model's ``self.norm`` is
+commented out). Every stage but the deepest starts with a patch expand (``Linear(C_in, 4 C_out)`` without
+bias, a 2x2 pixel shuffle, ``LayerNorm(C_out)``), then runs vanilla VSS blocks (VMamba v0: d_state 16,
+expansion 2, z gate, no MLP). Skips are added, not concatenated, *before* the expand, and they are the
+encoder stages' *inputs*: the encoder records each layer's input (``skip_list``; a layer's patch merging
+sits at its end), and decoder stage k >= 1 computes ``stage_k(x + skip_list[-k])``, so the maps entering
+encoder stages 3, 2, 1 (strides 32, 16, 8, after their downsampling) join before the expands to strides
+16, 8, 4. The backbone hands these over as its stage inputs (``HeadInputs.FEATURES_AND_STAGE_INPUTS``). A
+final expand (``Linear(C, 16 C/4)``, 4x4 shuffle, ``LayerNorm(C/4)``) and a 1x1 conv give full-resolution
+logits.
 The paper's configuration is encoder depths [2, 2, 2, 2], decoder depths [2, 2, 2, 1], drop path 0.2
 (linear over the encoder, reversed over the decoder), 27.43 M parameters with its encoder
 (``vanilla_vmamba_tiny`` with ``depths=[2, 2, 2, 2]``). Its ``load_from`` also copies encoder stage i's
 blocks into decoder stage 3 - i: ``init_from_encoder`` here.
-
-One difference, forced by the backbone contract: the reference adds each encoder stage's *input* (the
-patch-merged map) before expanding, whereas backbones here expose stage *outputs*; so each expanded map
-gets the encoder output of the same resolution added (Swin-UNet's order). The modules and the parameter
-count are the same.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class DecoderStage(nn.Module):
 
 
 class VMUNetDecoder(nn.Module):
-    """VM-UNet's decoder on any backbone's multi-scale features.
+    """VM-UNet's decoder on a staged backbone's last feature map and stage inputs (the reference's order).
 
     Args:
         in_channels: channels of the backbone's feature maps, finest first (from run.py).
@@ -89,7 +91,7 @@ class VMUNetDecoder(nn.Module):
             reference's ``load_from``); the task calls ``init_from_encoder`` with its backbone.
     """
 
-    inputs = HeadInputs.FEATURES
+    inputs = HeadInputs.FEATURES_AND_STAGE_INPUTS
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
                  depths: Sequence[int] = (2, 2, 2, 1), drop_path_rate: float = 0.2,
@@ -143,11 +145,21 @@ class VMUNetDecoder(nn.Module):
         return copied
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        """NCHW feature maps, finest first -> logits at ``strides[0]`` times the finest resolution."""
-        skips = [f.permute(0, 2, 3, 1) for f in features][::-1]
-        x = self.stages[0].blocks(skips[0])
-        for stage, skip in zip(self.stages[1:], skips[1:]):
-            x = stage.blocks(stage.upsample(x) + skip)
+        """The backbone's NCHW level maps, finest first, followed by the same levels' stage inputs
+        (``HeadInputs.FEATURES_AND_STAGE_INPUTS``) -> logits at ``strides[0]`` times the finest resolution.
+
+        The deepest level map starts the decoder; the stage inputs of the levels from the deepest up to the
+        second finest are added before the expands (the finest level's input, the stem's output, is unused,
+        as in the reference)."""
+        levels = len(self.stages)
+        if len(features) != 2 * levels:
+            raise ValueError(f"VMUNetDecoder: expected {levels} level maps followed by their {levels} stage inputs "
+                             f"(a backbone built with features_only=True, stage_inputs=True), got {len(features)} "
+                             f"maps")
+        stage_inputs = [f.permute(0, 2, 3, 1) for f in features[levels:]][::-1]
+        x = self.stages[0].blocks(features[levels - 1].permute(0, 2, 3, 1))
+        for stage, skip in zip(self.stages[1:], stage_inputs):
+            x = stage.blocks(stage.upsample(x + skip))
         x = self.final_expand(x).permute(0, 3, 1, 2)
         return self.final_conv(x)
 

@@ -64,7 +64,7 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 # Arguments run.build_task / build_trainer pass to each group's component (a config value would be replaced).
 FILLED_BY_RUN: dict[str, tuple[str, ...]] = {
-    "backbone": ("in_chans", "num_classes", "features_only"),
+    "backbone": ("in_chans", "num_classes", "features_only", "stage_inputs"),
     "head": ("in_features", "in_channels", "strides", "num_classes"),
     "task": ("backbone", "head", "optimizer", "scheduler", "weight_decay"),  # + the task class's data_inputs
     "optimizer": ("params",),

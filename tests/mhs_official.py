@@ -9,11 +9,15 @@ scan of ``tests.oracle``: gather each route and its reverse, scan the four seque
 bring them back with the inverse routes, fuse them with the GFU, and in the skeleton add each encoder layer's
 *input* to the decoder before upsampling (``VSSM.forward_features_up``). The route tables are the official ones
 (our route functions, whose 256x256 tables equal the released ``route_dict_4l.pth``: tests/test_mhs.py).
+With ``mixer=SS2D`` it is the plain VM-UNet (JCruan519/VM-UNet, same skeleton and wrapper) with VMamba v0's SS2D:
+row-major and column-major scans, each forwards and reversed, summed.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +41,9 @@ def official_route_table(height: int, width: int) -> Tensor:
 class MambaEngine(nn.Module):
     """K = 4 stacked selective-scan parameter sets on ``d_model`` channels (no expansion)."""
 
-    def __init__(self, d_model: int, d_state: int = 16) -> None:
+    def __init__(self, d_model: int, d_state: int = 16, dt_rank: Optional[int] = None) -> None:
         super().__init__()
-        self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
+        self.d_state, self.dt_rank = d_state, dt_rank or math.ceil(d_model / 16)
         self.x_proj_weight = nn.Parameter(torch.zeros(4, self.dt_rank + 2 * d_state, d_model))
         self.dt_projs_weight = nn.Parameter(torch.zeros(4, d_model, self.dt_rank))
         self.dt_projs_bias = nn.Parameter(torch.zeros(4, d_model))
@@ -133,11 +137,34 @@ class VSSGate(nn.Module):
         return self.out_norm(y) * F.silu(z)
 
 
+class SS2D(MambaEngine):
+    """VMamba v0's SS2D (VM-UNet's mixer): expansion 2, dt rank from the block width, ``forward_corev0``."""
+
+    def __init__(self, d_model: int, d_state: int = 16) -> None:
+        d_inner = 2 * d_model
+        super().__init__(d_inner, d_state, dt_rank=math.ceil(d_model / 16))
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
+        rows, cols = x.reshape(b, -1, h * w), x.transpose(2, 3).reshape(b, -1, h * w)
+        ys = super().forward(torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1))
+        back_cols = [y.reshape(b, -1, w, h).transpose(2, 3).reshape(b, -1, h * w)
+                     for y in (ys[:, 1], ys[:, 3].flip(-1))]
+        y = ys[:, 0] + ys[:, 2].flip(-1) + back_cols[0] + back_cols[1]
+        return self.out_proj(self.out_norm(y.transpose(1, 2).reshape(b, h, w, -1)) * F.silu(z))
+
+
 class VSSBlock(nn.Module):
-    def __init__(self, hidden_dim: int, **mixer) -> None:
+    def __init__(self, hidden_dim: int, mixer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(hidden_dim)
-        self.self_attention = VSSGate(hidden_dim, **mixer)
+        self.self_attention = mixer(hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.self_attention(self.ln_1(x))
@@ -170,9 +197,9 @@ class PatchExpand(nn.Module):
 
 
 class VSSLayer(nn.Module):
-    def __init__(self, dim: int, depth: int, downsample: bool, **mixer) -> None:
+    def __init__(self, dim: int, depth: int, downsample: bool, mixer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(VSSBlock(dim, **mixer) for _ in range(depth))
+        self.blocks = nn.ModuleList(VSSBlock(dim, mixer) for _ in range(depth))
         self.downsample = PatchMerging2D(dim) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,9 +209,9 @@ class VSSLayer(nn.Module):
 
 
 class VSSLayerUp(nn.Module):
-    def __init__(self, dim: int, depth: int, upsample: bool, **mixer) -> None:
+    def __init__(self, dim: int, depth: int, upsample: bool, mixer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(VSSBlock(dim, **mixer) for _ in range(depth))
+        self.blocks = nn.ModuleList(VSSBlock(dim, mixer) for _ in range(depth))
         self.upsample = PatchExpand(dim, 2 * dim, 2) if upsample else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -207,15 +234,13 @@ class PatchEmbed2D(nn.Module):
 class VSSM(nn.Module):
     """The official skeleton: encoder ``layers`` (downsample at the end), decoder ``layers_up`` (upsample first)."""
 
-    def __init__(self, dims: int, depths, depths_decoder, num_classes: int, head_num: int, gfu_t: float,
-                 d_state: int = 16) -> None:
+    def __init__(self, dims: int, depths, depths_decoder, num_classes: int, mixer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         dims = [dims * 2 ** i for i in range(len(depths))]
-        mixer = dict(d_state=d_state, head_num=head_num, gfu_t=gfu_t)
         self.patch_embed = PatchEmbed2D(3, dims[0])
-        self.layers = nn.ModuleList(VSSLayer(dim, depth, i < len(depths) - 1, **mixer)
+        self.layers = nn.ModuleList(VSSLayer(dim, depth, i < len(depths) - 1, mixer)
                                     for i, (dim, depth) in enumerate(zip(dims, depths)))
-        self.layers_up = nn.ModuleList(VSSLayerUp(dim, depth, i > 0, **mixer)
+        self.layers_up = nn.ModuleList(VSSLayerUp(dim, depth, i > 0, mixer)
                                        for i, (dim, depth) in enumerate(zip(dims[::-1], depths_decoder)))
         self.final_up = PatchExpand(dims[0], dims[0], 4)
         self.final_conv = nn.Conv2d(dims[0] // 4, num_classes, 1)
@@ -233,12 +258,14 @@ class VSSM(nn.Module):
 
 class VMUNet(nn.Module):
     """The wrapper whose ``state_dict()`` train.py saves; ``forward`` gives the logits (the official one applies a
-    sigmoid for one class, which our task applies in its loss and metrics)."""
+    sigmoid for one class, which our task applies in its loss and metrics). ``mixer``: ``dim -> module``, MHS-VM's
+    gated multi-head scan by default, ``SS2D`` for the plain VM-UNet."""
 
     def __init__(self, dims: int = 96, depths=(2, 2, 2, 2), depths_decoder=(2, 2, 2, 1), num_classes: int = 1,
-                 head_num: int = 4, gfu_t: float = 0.5) -> None:
+                 head_num: int = 4, gfu_t: float = 0.5, mixer: Optional[Callable[[int], nn.Module]] = None) -> None:
         super().__init__()
-        self.vmunet = VSSM(dims, depths, depths_decoder, num_classes, head_num, gfu_t)
+        mixer = mixer or partial(VSSGate, d_state=16, head_num=head_num, gfu_t=gfu_t)
+        self.vmunet = VSSM(dims, depths, depths_decoder, num_classes, mixer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.vmunet(x)

@@ -21,6 +21,7 @@ from datamodules.isic import IsicDataModule  # noqa: E402
 from datamodules.synapse import SynapseDataModule, transunet_augment  # noqa: E402
 from heads.msvmunet import MSVMUNetDecoder  # noqa: E402
 from heads.vmunet import VMUNetDecoder, pixel_expand  # noqa: E402
+from run import backbone_interface  # noqa: E402
 from tasks.losses import DiceCELoss, soft_dice_loss  # noqa: E402
 from tasks.medseg import case_metrics, cosine_annealing_epochs, evaluate_case, metrics_table, predict_volume  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
@@ -37,9 +38,10 @@ def n_params(*modules: nn.Module) -> int:
 
 
 def build(backbone: str, decoder: type, num_classes: int, **kwargs) -> tuple[nn.Module, nn.Module]:
-    encoder = backbones.create_backbone(backbone, features_only=True, in_chans=3, **kwargs)
-    head = decoder(encoder.feature_info.channels(), encoder.feature_info.reduction(), num_classes)
-    return encoder, head
+    """The backbone built for what ``decoder`` reads and the decoder on it, as run.py composes them."""
+    backbone_kwargs, head_kwargs_for = backbone_interface(f"{decoder.__module__}.{decoder.__qualname__}")
+    encoder = backbones.create_backbone(backbone, in_chans=3, **backbone_kwargs, **kwargs)
+    return encoder, decoder(**head_kwargs_for(encoder), num_classes=num_classes)
 
 
 # ---------------------------------------------------------------- decoders
@@ -90,6 +92,20 @@ def test_encoder_blocks_of_another_kind_are_not_copied():
     before = {k: v.clone() for k, v in head.state_dict().items()}
     assert head.init_from_encoder(encoder) == 0
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+
+
+def test_vmunet_decoder_adds_the_stage_inputs_before_expanding_and_refuses_levels_alone():
+    encoder, head = build("test_vmamba", VMUNetDecoder, 2)
+    head.eval()
+    features = encoder(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        logits = head(features)
+        moved = head(features[:4] + [features[4], features[5], features[6] + 1.0, features[7]])
+        unused = head(features[:3] + [features[3], features[4] + 1.0, *features[5:]])
+    # the stride-16 stage input joins the decoder; the stem's output (the first stage's input) does not
+    assert (moved - logits).abs().max() > 1e-3 and torch.equal(unused, logits)
+    with pytest.raises(ValueError, match="4 level maps followed by their 4 stage inputs .*stage_inputs=True.* got 4"):
+        head(features[:4])
 
 
 def test_decoder_depths_must_match_the_feature_levels():

@@ -187,7 +187,7 @@ def test_bad_route_letters_and_uneven_heads_without_projection_are_refused():
 # ---------------------------------------------------------------- the paper's model
 
 def mhs_vm(routes: str) -> tuple[nn.Module, nn.Module]:
-    encoder = backbones.create_backbone("mhs_vmamba_tiny", features_only=True, routes=routes)
+    encoder = backbones.create_backbone("mhs_vmamba_tiny", features_only=True, stage_inputs=True, routes=routes)
     block = partial(VSSBlock, mlp_ratio=0.0, d_state=16, ssm_ratio=1.0, gated=True, conv_bias=True,
                     mixer_layer=partial(MultiHeadScanMixer, routes=routes))
     return encoder, VMUNetDecoder(encoder.feature_info.channels(), encoder.feature_info.reduction(), 1, block=block)
@@ -210,7 +210,7 @@ def test_mhs_vm_has_the_official_parameter_count(routes, millions):
 def test_mhs_mixer_is_selectable_in_any_vss_block_from_the_command_line(tmp_path):
     cfg = compose_config(["experiment=isic18_vmunet", "+mixer@head.block.mixer_layer=mhs", "head.block.ssm_ratio=1",
                           "backbone=test_vmamba", "+mixer@backbone.mixer_layer=mhs"], tmp_path)
-    encoder = hydra.utils.instantiate(cfg.backbone, features_only=True)
+    encoder = hydra.utils.instantiate(cfg.backbone, features_only=True, stage_inputs=True)
     head = hydra.utils.instantiate(cfg.head, in_channels=encoder.feature_info.channels(),
                                    strides=encoder.feature_info.reduction(), num_classes=1)
     assert all(isinstance(block.mixer, MultiHeadScanMixer) for m in (encoder, head) for block in m.modules()

@@ -88,9 +88,11 @@ def test_weight_decay_is_a_task_argument_not_read_from_the_optimizer_partial(tmp
 
 def test_heads_declare_what_they_read_as_a_type():
     assert head_inputs(LinearClassifier) is HeadInputs.POOLED
-    assert {head_inputs(head) for head in (UperNet, MSVMUNetDecoder, VMUNetDecoder)} == {HeadInputs.FEATURES}
+    assert {head_inputs(head) for head in (UperNet, MSVMUNetDecoder)} == {HeadInputs.FEATURES}
+    assert head_inputs(VMUNetDecoder) is HeadInputs.FEATURES_AND_STAGE_INPUTS
     assert backbone_interface("heads.LinearClassifier")[0] == dict(num_classes=0)
     assert backbone_interface("heads.UperNet")[0] == dict(features_only=True)
+    assert backbone_interface("heads.VMUNetDecoder")[0] == dict(features_only=True, stage_inputs=True)
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.linear\.Linear must declare `inputs`"):
         backbone_interface("torch.nn.Linear")
     assert isinstance(UperNet([8, 16, 32, 64], 3, channels=8), AuxiliaryHead)

@@ -270,6 +270,39 @@ def test_features_only_matches_feature_info_and_forward_intermediates(name):
 
 
 @pytest.mark.parametrize("name", SMALL)
+def test_stage_inputs_follow_the_levels_in_staged_families_and_are_refused_by_name_elsewhere(name):
+    """``features_only`` with ``stage_inputs=True`` (what VM-UNet's decoder reads): the same levels, then each
+    level's stage input, the stage's ``downsample`` of the previous stage's output (of the stem's for the first),
+    as the stages compute them in ``forward``. Families whose levels are not such stages refuse it by name."""
+    model = build(name, features_only=True)
+    if not model.model.has_stage_inputs:
+        with pytest.raises(ValueError, match=f"{name}: stage_inputs=True needs a staged backbone"):
+            build(name, features_only=True, stage_inputs=True)
+        with pytest.raises(ValueError, match="has no stage inputs"):
+            model.model.forward_intermediates(_input(model, batch=1), stage_inputs=True)
+        return
+    with pytest.raises(ValueError, match=f"{name}: stage_inputs=True needs features_only=True"):
+        build(name, stage_inputs=True)
+    with_inputs = build(name, features_only=True, stage_inputs=True)
+    with_inputs.load_state_dict(model.state_dict())
+    x = _input(model, batch=1)
+    with torch.no_grad():
+        levels, maps = model(x), with_inputs(x)
+        encoder, stage_inputs, state = with_inputs.model, [], with_inputs.model.stem(x)
+        for stage in encoder.stages:
+            stage_inputs.append(stage.downsample(state))
+            state = stage(state)
+        nhwc = encoder.forward_intermediates(x, indices=[1, 3], output_fmt="NHWC", intermediates_only=True,
+                                             stage_inputs=True)
+    assert len(maps) == 2 * len(levels) == 8
+    torch.testing.assert_close(maps[:4], levels, rtol=0, atol=0)
+    torch.testing.assert_close(maps[4:], stage_inputs, rtol=0, atol=0)
+    assert [f.shape for f in maps[4:]] == [f.shape for f in levels]
+    torch.testing.assert_close([f.permute(0, 3, 1, 2) for f in nhwc], [maps[1], maps[3], maps[5], maps[7]],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SMALL)
 def test_gradient_checkpointing_keeps_the_output_and_trains(name):
     model = build(name)
     x = _input(model)
