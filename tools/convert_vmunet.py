@@ -46,7 +46,7 @@ import run
 from backbones import mhs
 from backbones._checkpoint import VMAMBA_KEY_RULES, KeyRules, drop_aliases, rename_key
 from heads.vmunet import OFFICIAL_DECODER, SS2D_MIXER_RULES, from_official
-from tools.convert_dense import _shapes, compose_experiment
+from tools.convert_dense import _difference, _shapes, compose_experiment
 
 HEAD_TARGET = "heads.VMUNetDecoder"
 OFFICIAL_PREFIX = mhs.OFFICIAL_PREFIX
@@ -230,17 +230,6 @@ def plan_vmunet(weights: Dict[str, Tensor], variant: str, experiment: Optional[s
     return experiment, cfg, overrides, routes, num_classes
 
 
-def _misfit(ours: Dict[str, tuple], theirs: Dict[str, tuple], names: Dict[str, str], prefix: str) -> str:
-    """The first misfit between one part of run.py's model and the converted file, named by the official keys."""
-    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    wrong = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
-    details = [f"{len(wrong)} shape(s) differ, first {names[prefix + k]} ({k}): file {theirs[k]}, model {ours[k]}"
-               for k in wrong[:1]]
-    details += [f"{len(missing)} key(s) missing, first {k}" for k in missing[:1]]
-    details += [f"{len(unexpected)} unexpected key(s), first {names[prefix + k]} ({k})" for k in unexpected[:1]]
-    return "; ".join(details)
-
-
 def fit_vmunet(cfg: DictConfig, weights: Dict[str, Tensor], num_classes: int, holds: str, meta: bool = False
                ) -> Tuple[nn.Module, nn.Module, Dict[str, Tensor], Dict[str, Tensor]]:
     """Backbone and head as run.py builds them for ``cfg`` (on the meta device with ``meta``) and the file's
@@ -256,11 +245,12 @@ def fit_vmunet(cfg: DictConfig, weights: Dict[str, Tensor], num_classes: int, ho
     converted = {ours: weights[theirs] for ours, theirs in names.items()}
     backbone_sd = {k[len("backbone."):]: v for k, v in converted.items() if k.startswith("backbone.")}
     head_sd = {k[len("head."):]: v for k, v in converted.items() if k.startswith("head.")}
-    for part, module, part_sd in (("encoder", backbone, backbone_sd), ("decoder", head, head_sd)):
+    for part, prefix, module, part_sd in (("encoder", "backbone.", backbone, backbone_sd),
+                                          ("decoder", "head.", head, head_sd)):
         if _shapes(part_sd) != _shapes(module.state_dict()):
-            prefix = "backbone." if module is backbone else "head."
-            raise ValueError(f"{holds}, whose {part} does not fit experiment={cfg.get('task_name')} "
-                             f"({_misfit(_shapes(module.state_dict()), _shapes(part_sd), names, prefix)})")
+            misfit = _difference(_shapes(module.state_dict()), _shapes(part_sd),
+                                 lambda key, prefix=prefix: f"{names[prefix + key]} ({key})")
+            raise ValueError(f"{holds}, whose {part} does not fit experiment={cfg.get('task_name')} ({misfit})")
     return backbone, head, backbone_sd, head_sd
 
 
