@@ -246,6 +246,22 @@ def small_plain(num_classes: int = 1, seed: int = 0) -> VMUNet:
                             mixer=SS2D), seed)
 
 
+@pytest.mark.parametrize("num_classes, experiment, parameters", [(1, "isic18_vmunet", 27_427_561),
+                                                                   (9, "synapse_vmunet", 27_427_761)])
+def test_the_full_size_official_vm_unet_fits_its_experiment_key_for_key(num_classes, experiment, parameters):
+    """The official configs (ISIC and Synapse: depths 2-2-2-2, decoder 2-2-2-1; 27.43 M parameters measured) fit
+    the default experiment for their classes with nothing to override, every tensor placed."""
+    with torch.device("meta"):
+        official = VMUNet(num_classes=num_classes, mixer=SS2D)
+    state = official.state_dict()
+    assert sum(p.numel() for p in official.parameters()) == parameters
+    found, cfg, overrides, routes, classes = plan_vmunet(state, "vanilla_vmamba_tiny")
+    assert (found, overrides, routes, classes) == (experiment, [], "", num_classes)
+    backbone, head, backbone_sd, head_sd = fit_vmunet(cfg, state, classes, "test", meta=True)
+    assert len(backbone_sd) + len(head_sd) == len(state)
+    assert sum(p.numel() for p in [*backbone.parameters(), *head.parameters()]) == parameters
+
+
 def test_plain_best_and_latest_convert_and_compute_the_official_vm_unet_in_float64(tmp_path, capsys):
     """best.pth and latest.pth as train.py saves them convert on the command line into weights that run.py's
     composed ``isic18_vmunet`` model (depths recorded from the file) loads strictly and that compute the official

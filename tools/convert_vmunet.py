@@ -6,7 +6,7 @@ VMamba v0's SS2D in encoder and decoder) and MHS-VM (PixDeep/MHS-VM, Multi-Head 
     python -m tools.convert best_4h.pth mhs_vmamba_tiny --out weights/mhs_vm_4h
     python run.py mode=eval experiment=isic18_mhs_vmunet weights=weights/mhs_vm_4h data.root=<ISIC 2018>
 
-``tools.convert`` comes here when every key of the file is under ``vmunet.`` (the official ``VMUNet`` wrapper);
+``tools.convert`` comes here when the file's keys are under ``vmunet.`` (the official ``VMUNet`` wrapper);
 blocks with ``mhs.scanhead_*`` modules make it MHS-VM's, otherwise it is VM-UNet's. Both ``train.py`` scripts save
 ``best.pth`` as the bare ``model.state_dict()`` (so are MHS-VM's released ``best_3h.pth`` / ``best_4h.pth``) and
 ``latest.pth`` as a dict whose ``model_state_dict`` holds the weights beside the epoch, the losses (numpy scalars)
@@ -80,9 +80,10 @@ def _classes(count: int) -> str:
 
 
 def official_layout(state_dict: Dict[str, Any]) -> Optional[OfficialLayout]:
-    """The layout of an official VM-UNet-family model's state dict (every key under the ``VMUNet`` wrapper's
-    ``vmunet.``): MHS-VM's when its blocks hold ``mhs.scanhead_*`` modules, else VM-UNet's; None for other files."""
-    if not state_dict or not all(k.startswith(OFFICIAL_PREFIX) for k in state_dict):
+    """The layout of an official VM-UNet-family model's state dict (keys under the ``VMUNet`` wrapper's
+    ``vmunet.``; any other key is named as a stray by ``fit_vmunet``): MHS-VM's when its blocks hold
+    ``mhs.scanhead_*`` modules, else VM-UNet's; None for other files."""
+    if not any(k.startswith(OFFICIAL_PREFIX) for k in state_dict):
         return None
     return MHS_VM if any(_SCAN_HEAD.search(k) for k in state_dict) else VM_UNET
 
@@ -193,7 +194,7 @@ def plan_vmunet(weights: Dict[str, Tensor], variant: str, experiment: Optional[s
     experiment differs; the user's ``overrides`` come last, so they win (and a misfit they cause is reported)."""
     layout = official_layout(weights)
     if layout is None:
-        raise ValueError(f"its keys are not all under {OFFICIAL_PREFIX!r}, so it is not an official VM-UNet model")
+        raise ValueError(f"it has no key under {OFFICIAL_PREFIX!r}, so it is not an official VM-UNet model")
     routes = official_routes(weights) if layout is MHS_VM else ""
     final_conv = weights.get(FINAL_CONV)
     if final_conv is None or final_conv.dim() != 4:
