@@ -282,7 +282,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: nn.Module) -> Dict[str, Tensor
     official MHS-VM checkpoint (``best_3h.pth``, ``best_4h.pth``, a ``latest.pth``), whose decoder is left out and
     which has no classifier: a classifier model keeps its own final norm and head.
 
-    The whole segmentation model converts with ``tools.convert`` (``tools.convert_mhs``).
+    The whole segmentation model converts with ``tools.convert`` (``tools.convert_vmunet``).
     """
     state_dict = unwrap_state_dict(state_dict)
     if not any(key.startswith(OFFICIAL_PREFIX) for key in state_dict):

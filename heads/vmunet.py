@@ -32,8 +32,8 @@ from backbones.layers import VSSBlock, init_linear_trunc_normal
 
 from .interface import HeadInputs
 
-__all__ = ["OFFICIAL_DECODER", "OFFICIAL_DECODER_RULES", "PatchExpand", "VMUNetDecoder", "from_official",
-           "pixel_expand"]
+__all__ = ["OFFICIAL_DECODER", "OFFICIAL_DECODER_RULES", "PatchExpand", "SS2D_MIXER_RULES", "VMUNetDecoder",
+           "from_official", "pixel_expand"]
 
 # VMamba v0 blocks, as the reference's encoder and decoder use.
 vanilla_vss_block = partial(VSSBlock, mlp_ratio=0.0, d_state=16, ssm_ratio=2.0, gated=True, conv_bias=True)
@@ -174,6 +174,9 @@ OFFICIAL_DECODER_RULES: KeyRules = [
     (r"^(stages\.\d+\.blocks\.\d+)\.self_attention\.", r"\1.mixer."),
     (r"^final_up\.", "final_expand."),
 ]
+
+# VM-UNet's own mixer (VMamba v0's ``SS2D``, ``self_attention`` -> ``mixer``): its scan parameters live in ``ssm``.
+SS2D_MIXER_RULES: KeyRules = [(r"\.mixer\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$", r".mixer.ssm.\1")]
 
 
 def from_official(state_dict: Dict[str, Tensor], mixer_rules: KeyRules = ()) -> Dict[str, Tensor]:

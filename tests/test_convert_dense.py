@@ -363,7 +363,8 @@ def test_wrong_combinations_name_what_the_file_holds(tmp_path, capsys):
         fit_dense(plan_dense({}, no_outnorm, "test_vmamba"), no_outnorm)
     classifier = rf.save({"model": vmamba_official(**TEST_VMAMBA, num_classes=5)}, tmp_path / "cls.pth")
     assert main([str(classifier), "test_vmamba", "--experiment", "ade20k_upernet_common"]) == 1
-    assert "--experiment/--override apply to UperNet / Mask R-CNN and MHS-VM checkpoints" in capsys.readouterr().err
+    assert "--experiment/--override apply to UperNet / Mask R-CNN and VM-UNet / MHS-VM checkpoints" in \
+        capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -233,7 +233,7 @@ def test_isic18_mhs_vmunet_fast_dev_run_on_the_isic_format(tmp_path):
 
 
 def test_weights_in_our_layout_pass_the_checkpoint_filter_unchanged():
-    """(Official MHS-VM files: tests/test_convert_mhs.py.)"""
+    """(Official MHS-VM files: tests/test_convert_vmunet.py.)"""
     from backbones.mhs import checkpoint_filter_fn
 
     model = backbones.create_backbone("test_mhs_vmamba")

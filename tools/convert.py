@@ -5,7 +5,8 @@
     python -m tools.convert vim_t_midclstok_76p1acc.pth vim_tiny_patch16_224 --out weights/vim_tiny
     python -m tools.convert efficient_vmamba_tiny.ckpt efficientvmamba_tiny --ema
     python -m tools.convert hrvmamba_small_pose.pth hrvmamba_small --model-arg multiscale_output=False
-    python -m tools.convert best_4h.pth mhs_vmamba_tiny --out weights/mhs_vm_4h  # MHS-VM, tools.convert_mhs
+    python -m tools.convert best.pth vanilla_vmamba_tiny --out weights/vmunet  # VM-UNet, tools.convert_vmunet
+    python -m tools.convert best_4h.pth mhs_vmamba_tiny --out weights/mhs_vm_4h  # MHS-VM, tools.convert_vmunet
 
 The file is read with a restricted unpickler (``tools.safe_load``): tensors and plain containers are rebuilt,
 the training state official scripts save beside the weights (yacs configs, optimizer and scaler state,
@@ -25,7 +26,8 @@ with ``backbone.pretrained=true +backbone.pretrained_cfg_overlay.file=<folder>/m
 
 A file that does not fit the chosen variant fails with the variants of that family whose shapes it does fit.
 Whole dense models become the task weights run.py loads with ``weights=`` instead: mmseg UperNet and mmdet
-Mask R-CNN files (``tools.convert_dense``) and the official MHS-VM segmentation models (``tools.convert_mhs``).
+Mask R-CNN files (``tools.convert_dense``) and the official VM-UNet and MHS-VM segmentation models
+(``tools.convert_vmunet``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from tools.convert_dense import (
     openmmlab_checkpoint,
     write_task_weights,
 )
-from tools.convert_mhs import MHSConversion, convert_mhs, is_mhs_vm
-from tools.convert_mhs import default_out as mhs_default_out
+from tools.convert_vmunet import VMUNetConversion, convert_vmunet, official_layout
+from tools.convert_vmunet import default_out as vmunet_default_out
 from tools.output_folder import check_output_folder, write_output_folder
 from tools.safe_load import describe, load_checkpoint
 
@@ -275,16 +277,16 @@ def convert_dense_file(checkpoint: dict, args: argparse.Namespace) -> DenseConve
     return conversion
 
 
-def convert_mhs_file(checkpoint: dict, args: argparse.Namespace) -> MHSConversion:
-    """tools.convert for an official MHS-VM checkpoint: the task weights run.py loads with ``weights=``."""
+def convert_vmunet_file(checkpoint: dict, args: argparse.Namespace) -> VMUNetConversion:
+    """tools.convert for an official VM-UNet or MHS-VM checkpoint: the task weights run.py loads with ``weights=``."""
     if args.model_arg:
-        raise ValueError("--model-arg builds a classifier; for an MHS-VM file pass the model's arguments as run.py "
-                         "overrides, e.g. --override backbone.sra_threshold=0.4")
+        raise ValueError("--model-arg builds a classifier; for a VM-UNet / MHS-VM file pass the model's arguments as "
+                         "run.py overrides, e.g. --override backbone.sra_threshold=0.4")
     weights, weights_key, weights_from = select_weights(checkpoint, args.ema)
-    task_sd, conversion = convert_mhs(unwrap_state_dict(weights), args.variant, weights_from, args.checkpoint.name,
-                                      args.experiment, args.override)
+    task_sd, conversion = convert_vmunet(unwrap_state_dict(weights), args.variant, weights_from,
+                                         args.checkpoint.name, args.experiment, args.override)
     conversion.not_converted = other_contents(checkpoint, weights_key) if weights_key else ""
-    conversion.out_dir = write_output_folder(args.out or mhs_default_out(conversion),
+    conversion.out_dir = write_output_folder(args.out or vmunet_default_out(conversion),
                                              lambda folder: write_task_weights(task_sd, conversion.description(),
                                                                                folder),
                                              "tools.convert", args.force, args.checkpoint.name)
@@ -298,20 +300,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("variant", help="our backbone name (python -c 'import backbones; "
                                         "print(backbones.list_backbones())')")
     parser.add_argument("--out", type=Path, help="output folder (default: ./<variant>, ./<recipe>_<variant> for "
-                                                 "UperNet / Mask R-CNN files, ./<experiment>_<heads>h for MHS-VM "
-                                                 "files); a new folder, an empty one or an earlier output of this "
-                                                 "tool")
+                                                 "UperNet / Mask R-CNN files, ./<experiment> for VM-UNet and "
+                                                 "./<experiment>_<heads>h for MHS-VM files); a new folder, an empty "
+                                                 "one or an earlier output of this tool")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder the tool did not "
                                                               "write (its files are never replaced)")
     parser.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema, state_dict_ema, "
                                                            "ema_model, mmengine/mmcv EMA hooks)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="constructor argument of the variant, repeatable (e.g. multiscale_output=False)")
-    parser.add_argument("--experiment", help="UperNet / Mask R-CNN / MHS-VM files: the run.py experiment to convert "
-                                             "for (default: ade20k_upernet_<variant> / coco_maskrcnn_1x_<variant> / "
-                                             "isic18_mhs_vmunet)")
+    parser.add_argument("--experiment", help="UperNet / Mask R-CNN / VM-UNet / MHS-VM files: the run.py experiment "
+                                             "to convert for (default: ade20k_upernet_<variant> / "
+                                             "coco_maskrcnn_1x_<variant> / isic18_vmunet or, 9 classes, "
+                                             "synapse_vmunet / isic18_mhs_vmunet)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="UperNet / Mask R-CNN / MHS-VM files: a run.py override of that experiment, repeatable")
+                        help="UperNet / Mask R-CNN / VM-UNet / MHS-VM files: a run.py override of that experiment, "
+                             "repeatable")
     parser.add_argument("--openmmlab", action="store_true",
                         help="UperNet / Mask R-CNN files: also write openmmlab.pth for mmseg/mmdet configs with "
                              "MambaLabBackbone (docs/mm)")
@@ -330,12 +334,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if dense_framework(weights):
             print(convert_dense_file(checkpoint, args).summary())
             return 0
-        if is_mhs_vm(weights):
-            print(convert_mhs_file(checkpoint, args).summary())
+        if official_layout(weights) is not None:
+            print(convert_vmunet_file(checkpoint, args).summary())
             return 0
         if args.experiment or args.override:
-            raise ValueError(f"--experiment/--override apply to UperNet / Mask R-CNN and MHS-VM checkpoints; "
-                             f"{args.checkpoint} has no mmseg decode_head, mmdet roi_head or MHS-VM keys")
+            raise ValueError(f"--experiment/--override apply to UperNet / Mask R-CNN and VM-UNet / MHS-VM "
+                             f"checkpoints; {args.checkpoint} has no mmseg decode_head, mmdet roi_head or "
+                             f"vmunet.* keys")
         out_dir = args.out or Path(args.variant)
         check_output_folder(out_dir, "tools.convert", args.force)
         model_args = parse_model_args(args.model_arg)

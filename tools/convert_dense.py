@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -157,14 +157,14 @@ def _shapes(state_dict: Dict[str, Tensor]) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def _difference(ours: Dict[str, tuple], theirs: Dict[str, tuple]) -> str:
-    """The first misfit between a model's key -> shape map and a converted file's."""
+def _difference(ours: Dict[str, tuple], theirs: Dict[str, tuple], name: Callable[[str], str] = str) -> str:
+    """The first misfit between a model's key -> shape map and a converted file's; ``name`` tells a key the file
+    holds (a differing or unexpected one) by its name in the file."""
     missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     wrong = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
-    details = [f"{len(wrong)} shape(s) differ, first {wrong[0]}: file {theirs[wrong[0]]}, model {ours[wrong[0]]}"
-               for _ in wrong[:1]]
-    details += [f"{len(missing)} key(s) missing, first {missing[0]}" for _ in missing[:1]]
-    details += [f"{len(unexpected)} unexpected key(s), first {unexpected[0]}" for _ in unexpected[:1]]
+    details = [f"{len(wrong)} shape(s) differ, first {name(k)}: file {theirs[k]}, model {ours[k]}" for k in wrong[:1]]
+    details += [f"{len(missing)} key(s) missing, first {k}" for k in missing[:1]]
+    details += [f"{len(unexpected)} unexpected key(s), first {name(k)}" for k in unexpected[:1]]
     return "; ".join(details)
 
 

@@ -1,6 +1,7 @@
-"""Official MHS-VM checkpoints (PixDeep/MHS-VM) -> run.py task weights: files saved as the official train.py saves
-them from a stand-in of the official module tree (tests/mhs_official.py), converted, loaded strictly, and computing
-what the official model computes; and the plain VM-UNet (JCruan519/VM-UNet) as run.py composes it, likewise."""
+"""Official VM-UNet-family checkpoints -> run.py task weights: MHS-VM (PixDeep/MHS-VM) and the plain VM-UNet
+(JCruan519/VM-UNet) files saved as the official train.py saves them from a stand-in of the official module tree
+(tests/mhs_official.py), converted with tools.convert, loaded strictly, and computing what the official model
+computes."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import torch
 from torch import nn
 
 import run
-from backbones import vmamba
 from backbones.mhs import checkpoint_filter_fn
-from heads.vmunet import from_official
 from tasks.weights import load_task_weights, read_task_weights
 from tests.mhs_official import SS2D, VMUNet, randomise
 from tools.convert import main as convert_main
 from tools.convert_dense import compose_experiment
-from tools.convert_mhs import convert_mhs, fit_mhs, official_routes, plan_mhs
+from tools.convert_vmunet import convert_vmunet, fit_vmunet, official_routes, plan_vmunet
 
 SMALL = ["backbone.depths=[1,1,1,1]", "head.depths=[1,1,1,1]"]  # with test_mhs_vmamba: dims 12-96
 
@@ -62,9 +61,9 @@ def test_the_full_size_official_state_dict_fits_isic18_mhs_vmunet_key_for_key(he
     blocks = 2 + 2 + 2 + 2 + 2 + 2 + 2 + 1
     assert len(engines) == 5 * head_num * blocks and len(aliases) == blocks
     assert official_routes(state) == routes
-    cfg, overrides, found, classes = plan_mhs(state, "mhs_vmamba_tiny")
+    _, cfg, overrides, found, classes = plan_vmunet(state, "mhs_vmamba_tiny")
     assert (found, classes) == (routes, 1) and overrides == ([] if head_num == 4 else ["backbone.routes=CXS"])
-    backbone, head, backbone_sd, head_sd = fit_mhs(cfg, state, classes, "test", meta=True)
+    backbone, head, backbone_sd, head_sd = fit_vmunet(cfg, state, classes, "test", meta=True)
     ours = {**{f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()},
             **{f"head.{k}": v.shape for k, v in head.state_dict().items()}}
     converted = {**{f"backbone.{k}": v.shape for k, v in backbone_sd.items()},
@@ -121,7 +120,7 @@ def test_duplicates_that_differ_are_refused_naming_the_key(tmp_path, capsys):
     key = "vmunet.layers_up.1.blocks.0.self_attention.mhs.scanhead_S.scanning.seq2seq_engine.Ds"
     state[key] = state[key].clone() + 1
     with pytest.raises(ValueError, match=f"{key} should repeat .*scanhead_S.mambaeng.Ds"):
-        convert_mhs(state, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
+        convert_vmunet(state, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
     state = small_official(3).state_dict()
     state["vmunet.layers.0.blocks.0.self_attention.mhs.x_ssproj_W"] = torch.zeros(12, 12)
     torch.save(state, tmp_path / "best.pth")
@@ -136,15 +135,15 @@ def test_files_that_do_not_fit_are_refused_naming_what_they_hold(tmp_path):
     state = small_official(4).state_dict()
     with pytest.raises(ValueError, match="the file holds MHS-VM \\(4 heads CXSZ, 1 class\\), whose decoder does "
                                          "not fit.*missing, first stages.3.blocks.1"):
-        convert_mhs(state, "test_mhs_vmamba", "the file", "best.pth", overrides=[SMALL[0], "head.depths=[1,1,1,2]"])
+        convert_vmunet(state, "test_mhs_vmamba", "the file", "best.pth", overrides=[SMALL[0], "head.depths=[1,1,1,2]"])
     with pytest.raises(ValueError, match="whose encoder does not fit.*shape"):
-        convert_mhs(state, "mhs_vmamba_tiny", "the file", "best.pth", overrides=SMALL)
+        convert_vmunet(state, "mhs_vmamba_tiny", "the file", "best.pth", overrides=SMALL)
     stray = {**state, "vmunet.scan_route_dict": torch.zeros(8, 2, 64, dtype=torch.long)}
     with pytest.raises(ValueError, match="outside VM-UNet's encoder and decoder, first vmunet.scan_route_dict"):
-        convert_mhs(stray, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
+        convert_vmunet(stray, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
     two_heads = {k: v for k, v in state.items() if "scanhead_S" not in k and "scanhead_Z" not in k}
     with pytest.raises(ValueError, match="heads \\['C', 'X'\\]"):
-        convert_mhs(two_heads, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
+        convert_vmunet(two_heads, "test_mhs_vmamba", "the file", "best.pth", overrides=SMALL)
 
 
 def test_a_users_folder_is_never_written_over(tmp_path, capsys):
@@ -190,7 +189,7 @@ def converted_small(head_num: int, threshold: float, seed: int = 0) -> tuple:
         if hasattr(module, "esfusion"):
             module.esfusion.t = threshold
     overrides = [*SMALL, f"backbone.sra_threshold={threshold}", "backbone.scan_backend=torch"]
-    task_sd, conversion = convert_mhs(official.state_dict(), "test_mhs_vmamba", "the file", "best.pth",
+    task_sd, conversion = convert_vmunet(official.state_dict(), "test_mhs_vmamba", "the file", "best.pth",
                                       overrides=overrides)
     backbone, head = run.build_model(compose_experiment(conversion.experiment, conversion.overrides), 3, 1)
     for name, module in (("backbone", backbone), ("head", head)):
@@ -236,20 +235,63 @@ def test_converted_weights_compute_the_official_model_in_float64(head_num, thres
         assert (head(backbone(images)) - expected).abs().max() > 1e-2 * scale
 
 
-def test_run_py_isic18_vmunet_computes_the_official_vm_unet_in_float64():
-    """The plain VM-UNet (VMamba v0's SS2D in encoder and decoder, ``isic18_vmunet``) at the test size, as run.py
-    composes it, with the official model's weights: no tools.convert route reads these files, so the state dict
-    is mapped with the tables that exist, the VMamba v0 encoder rules and ``heads.vmunet.from_official``."""
-    official = randomise(VMUNet(dims=12, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), mixer=SS2D)).double().eval()
-    body = {k[len("vmunet."):]: v for k, v in official.state_dict().items()}
-    cfg = compose_experiment("isic18_vmunet", ["backbone.depths=[1,1,1,1]", "+backbone.dims=12",
-                                               "head.depths=[1,1,1,1]", "backbone.scan_backend=torch"])
-    backbone, head = run.build_model(cfg, 3, 1)
-    encoder = {k: v for k, v in body.items() if k.startswith(("patch_embed.", "layers."))}
-    backbone.model.load_state_dict(vmamba.checkpoint_filter_fn(encoder, backbone.model))
-    head.load_state_dict(from_official(body, [(r"\.mixer\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)$",
-                                               r".mixer.ssm.\1")]))
-    backbone, head = backbone.double().eval(), head.double().eval()
+# ---------------------------------------------------------------- the plain VM-UNet (VMamba v0's SS2D)
+
+PLAIN = ["+backbone.dims=12", "backbone.scan_backend=torch"]  # the test size; the depths are read from the file
+
+
+def small_plain(num_classes: int = 1, seed: int = 0) -> VMUNet:
+    """The official VM-UNet with SS2D mixers, dims 12, depths 1-1-1-1 and decoder 1-1-1-1 (its own test size)."""
+    return randomise(VMUNet(dims=12, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), num_classes=num_classes,
+                            mixer=SS2D), seed)
+
+
+@pytest.mark.parametrize("num_classes, experiment, parameters", [(1, "isic18_vmunet", 27_427_561),
+                                                                   (9, "synapse_vmunet", 27_427_761)])
+def test_the_full_size_official_vm_unet_fits_its_experiment_key_for_key(num_classes, experiment, parameters):
+    """The official configs (ISIC and Synapse: depths 2-2-2-2, decoder 2-2-2-1; 27.43 M parameters measured) fit
+    the default experiment for their classes with nothing to override, every tensor placed."""
+    with torch.device("meta"):
+        official = VMUNet(num_classes=num_classes, mixer=SS2D)
+    state = official.state_dict()
+    assert sum(p.numel() for p in official.parameters()) == parameters
+    found, cfg, overrides, routes, classes = plan_vmunet(state, "vanilla_vmamba_tiny")
+    assert (found, overrides, routes, classes) == (experiment, [], "", num_classes)
+    backbone, head, backbone_sd, head_sd = fit_vmunet(cfg, state, classes, "test", meta=True)
+    assert len(backbone_sd) + len(head_sd) == len(state)
+    assert sum(p.numel() for p in [*backbone.parameters(), *head.parameters()]) == parameters
+
+
+def test_plain_best_and_latest_convert_and_compute_the_official_vm_unet_in_float64(tmp_path, capsys):
+    """best.pth and latest.pth as train.py saves them convert on the command line into weights that run.py's
+    composed ``isic18_vmunet`` model (depths recorded from the file) loads strictly and that compute the official
+    forward, ``head(backbone(images))`` as the task runs it."""
+    official = small_plain()
+    best, latest = save_like_train_py(official, tmp_path)
+    official = official.double().eval()
+    outputs = []
+    for file in (best, latest):
+        out = tmp_path / f"out_{file.stem}"
+        assert convert_main([str(file), "vanilla_vmamba_tiny", "--out", str(out),
+                             *[f"--override={o}" for o in PLAIN]]) == 0
+        summary = capsys.readouterr().out
+        assert "VM-UNet (depths [1, 1, 1, 1], decoder [1, 1, 1, 1], 1 class)" in summary and "loaded strict" in summary
+        assert "duplicate keys" not in summary and "threshold" not in summary
+        if file is latest:
+            assert "from model_state_dict" in summary and "optimizer_state_dict" in summary
+        outputs.append(read_task_weights(out))
+    (weights, meta), (latest_weights, _) = outputs
+    assert weights.keys() == latest_weights.keys() and all(torch.equal(weights[k], latest_weights[k]) for k in weights)
+    assert meta["experiment"] == "isic18_vmunet" and meta["num_classes"] == 1
+    assert meta["backbone"] == "vanilla_vmamba_tiny" and meta["head"] == "heads.VMUNetDecoder"
+    assert meta["overrides"] == ["backbone.depths=[1,1,1,1]", "head.depths=[1,1,1,1]", *PLAIN]
+    assert meta["source"]["layout"] == "JCruan519/VM-UNet VMUNet state dict"
+    cfg = compose_experiment(meta["experiment"], meta["overrides"])
+    task = nn.Module()
+    task.backbone, task.head = run.build_model(cfg, 3, 1)
+    load_task_weights(task, tmp_path / "out_best", "vanilla_vmamba_tiny", "heads.VMUNetDecoder",
+                      SimpleNamespace(num_classes=1))
+    backbone, head = task.backbone.double().eval(), task.head.double().eval()
     images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         expected = official(images)
@@ -263,3 +305,29 @@ def test_run_py_isic18_vmunet_computes_the_official_vm_unet_in_float64():
     assert scale > 1e-3
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-7 * scale)
     assert (former - expected).abs().max() > 1e-2 * scale
+
+
+def test_a_nine_class_vm_unet_defaults_to_synapse_and_misfits_name_the_official_key(tmp_path, capsys):
+    state = small_plain(num_classes=9).state_dict()
+    _, conversion = convert_vmunet(state, "vanilla_vmamba_tiny", "the file", "best.pth", overrides=PLAIN)
+    assert conversion.experiment == "synapse_vmunet" and conversion.num_classes == 9
+    # the ISIC experiment has one class: refused naming the official key and both shapes
+    with pytest.raises(ValueError, match=r"9 classes, but experiment=isic18_vmunet's data .* has 1 class: "
+                                         r"vmunet\.final_conv\.weight is \(9, 3, 1, 1\) in the file, "
+                                         r"\(1, 3, 1, 1\) in the model"):
+        convert_vmunet(state, "vanilla_vmamba_tiny", "the file", "best.pth", "isic18_vmunet", PLAIN)
+    # the full-size experiment (dims 96) does not fit the dims-12 file: the first official key and both shapes
+    torch.save(state, tmp_path / "best.pth")
+    args = [str(tmp_path / "best.pth"), "vanilla_vmamba_tiny", "--out", str(tmp_path / "out"),
+            "--override=backbone.scan_backend=torch"]
+    assert convert_main(args) == 1
+    error = capsys.readouterr().err
+    assert "the file holds VM-UNet (depths [1, 1, 1, 1], decoder [1, 1, 1, 1], 9 classes), whose encoder does not " \
+           "fit experiment=synapse_vmunet" in error
+    assert "shape(s) differ, first vmunet.layers.0.blocks.0.self_attention.conv2d.bias " \
+           "(model.stages.0.blocks.0.mixer.conv2d.bias): file (24,), model (192,)" in error
+    assert not (tmp_path / "out").exists()
+    # a user's override against the file's depths: the first block the file lacks
+    with pytest.raises(ValueError, match="whose decoder does not fit.*missing, first stages.0.blocks.1"):
+        convert_vmunet(state, "vanilla_vmamba_tiny", "the file", "best.pth",
+                       overrides=[*PLAIN, "head.depths=[2,1,1,1]"])
