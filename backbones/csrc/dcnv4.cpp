@@ -73,7 +73,8 @@ inline float lane_sum(vec v) {
 }
 
 // One kernel point's bilinear footprint: the 4 neighbours' element offsets into the value map (-1 when
-// outside it) and the fractional position inside the cell.
+// outside it) and the fractional position inside the cell, with x0 = floor(x), y0 = floor(y), so that on a
+// pixel border the slope is the one-sided one grid_sample (and autograd of dcnv4_sample) uses.
 struct Footprint {
     int64_t at[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
     float fx, fy;
@@ -106,7 +107,8 @@ inline Footprint footprint(const mdc_problem& p, const Geometry& geo, int64_t po
     const float x = float(xo * p.stride) + geo.origin + (float(geo.kx[point]) + dx) * p.offset_scale;
     const float y = float(yo * p.stride) + geo.origin + (float(geo.ky[point]) + dy) * p.offset_scale;
     Footprint f{};
-    f.any = x > -1.0f && x < float(p.width) && y > -1.0f && y < float(p.height);
+    // x = -1 still has a corner inside (x0 + 1 = 0, weight 0): its slope is not zero, as grid_sample has it.
+    f.any = x >= -1.0f && x < float(p.width) && y >= -1.0f && y < float(p.height);
     if (!f.any) return f;
     const float x0f = std::floor(x), y0f = std::floor(y);
     const int64_t x0 = int64_t(x0f), y0 = int64_t(y0f);
