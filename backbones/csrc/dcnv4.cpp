@@ -66,10 +66,13 @@ inline void store_lanes(float* p, vec v, int lanes) {
     else std::memcpy(p, &v, sizeof(float) * size_t(lanes));
 }
 
+// Sum of the lanes as a tree (log2(W) dependent adds, a fixed order).
 inline float lane_sum(vec v) {
-    float total = 0.0f;
-    for (int i = 0; i < W; ++i) total += v[i];
-    return total;
+    float a[W];
+    std::memcpy(a, &v, sizeof a);
+    for (int half = W / 2; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) a[i] += a[i + half];
+    return a[0];
 }
 
 // One kernel point's bilinear footprint: the 4 neighbours' element offsets into the value map (-1 when
@@ -121,27 +124,35 @@ inline Footprint footprint(const mdc_problem& p, const Geometry& geo, int64_t po
     return f;
 }
 
+// Per output pixel and group, the scalar work first (each point's footprint; up to 4P taps of value offset and
+// mask * bilinear weight), then the vector work (the taps' weighted sum, per vector of the group's channels).
 void forward_row(const mdc_problem& p, const Geometry& geo, int64_t n, int64_t yo, float* out) {
     const int64_t gc = p.channels / p.group, P = geo.points;
     const float* value = p.value + n * p.height * p.width * p.channels;
+    int64_t tap_at[4 * 64];
+    float tap_weight[4 * 64];
     for (int64_t xo = 0; xo < p.out_w; ++xo) {
         const float* om = p.offset_mask + ((n * p.out_h + yo) * p.out_w + xo) * p.om_channels;
         float* o = out + ((n * p.out_h + yo) * p.out_w + xo) * p.channels;
         for (int64_t g = 0; g < p.group; ++g) {
             const float* og = om + g * 3 * P;
+            int taps = 0;
+            for (int64_t q = 0; q < P; ++q) {
+                const Footprint f = footprint(p, geo, q, yo, xo, og[2 * q], og[2 * q + 1]);
+                if (!f.any) continue;
+                const float m = og[2 * P + q];
+                const float w[4] = {(1 - f.fy) * (1 - f.fx), (1 - f.fy) * f.fx, f.fy * (1 - f.fx), f.fy * f.fx};
+                for (int c = 0; c < 4; ++c)
+                    if (f.at[c] >= 0) {
+                        tap_at[taps] = f.at[c] + g * gc;
+                        tap_weight[taps++] = m * w[c];
+                    }
+            }
             for (int64_t c0 = 0; c0 < gc; c0 += W) {
                 const int lanes = int(std::min<int64_t>(W, gc - c0));
-                const int64_t channel = g * gc + c0;
                 vec sum{};
-                for (int64_t q = 0; q < P; ++q) {
-                    const Footprint f = footprint(p, geo, q, yo, xo, og[2 * q], og[2 * q + 1]);
-                    if (!f.any) continue;
-                    const float m = og[2 * P + q];
-                    const float w[4] = {(1 - f.fy) * (1 - f.fx), (1 - f.fy) * f.fx, f.fy * (1 - f.fx), f.fy * f.fx};
-                    for (int c = 0; c < 4; ++c)
-                        if (f.at[c] >= 0) sum += (m * w[c]) * load_lanes(value + f.at[c] + channel, lanes);
-                }
-                store_lanes(o + channel, sum, lanes);
+                for (int t = 0; t < taps; ++t) sum += tap_weight[t] * load_lanes(value + tap_at[t] + c0, lanes);
+                store_lanes(o + g * gc + c0, sum, lanes);
             }
         }
     }
