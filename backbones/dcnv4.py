@@ -87,8 +87,9 @@ def dcnv4_sample(value: Tensor, offset_mask: Tensor, group: int, kernel_size: in
 
 
 def _runs_fused(value: Tensor, offset_mask: Tensor, kernel_size: int) -> bool:
-    """Whether the fused CPU kernel computes this aggregation (float64 and traced graphs stay on PyTorch)."""
+    """Whether the fused CPU kernel computes this aggregation (float64, empty and traced inputs stay on PyTorch)."""
     return (kernel_size <= MAX_KERNEL_SIZE and value.device.type == "cpu" and offset_mask.device.type == "cpu"
+            and value.numel() > 0 and offset_mask.numel() > 0
             and value.dtype != torch.float64 and offset_mask.dtype != torch.float64 and not is_tracing(value)
             and not torch.onnx.is_in_onnx_export() and fused_kernel.available())
 

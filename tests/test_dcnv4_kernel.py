@@ -167,11 +167,12 @@ def count_kernel_calls(monkeypatch) -> list:
     return calls
 
 
-def test_float64_stays_on_the_pytorch_path(monkeypatch):
+def test_float64_and_empty_inputs_stay_on_the_pytorch_path(monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     case = CASES["3x3"]
     value, offset_mask = make_inputs(1, 4, 4, case)
     dcnv4_sample(value.double(), offset_mask.double(), case[0], *case[2:])
+    assert dcnv4_sample(value[:0], offset_mask[:0], case[0], *case[2:]).shape == (0, 4, 4, 32)
     assert calls == []
 
 
