@@ -235,7 +235,7 @@ def test_without_a_built_kernel_hrvmamba_runs_the_pytorch_dcnv4(monkeypatch):
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks and grid constants, as expected
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")  # still used by exporters
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still what exporters use
 def test_traced_graphs_keep_the_pytorch_dcnv4(monkeypatch):
     """torch.export (and so ONNX's dynamo exporter) and jit tracing record the grid_sample formulation,
     which every runtime has, not the library's custom op."""
