@@ -41,9 +41,9 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install -q --no-deps --no-build-isolation $(MAMBA_SSM)
 	touch $(STAMP)
 
-# The fused CPU kernels (selective scan, Vim's causal conv), where a C++ compiler exists (without one the
+# The fused CPU kernels (selective scan, Vim's causal conv, HRVMamba's DCNv4), where a C++ compiler exists (without one the
 # pure-PyTorch scan runs; `python -m tools.doctor` says which). Rebuilt when their sources change.
-$(KERNEL): backbones/csrc/selective_scan.cpp backbones/csrc/causal_conv.cpp $(STAMP)
+$(KERNEL): backbones/csrc/selective_scan.cpp backbones/csrc/causal_conv.cpp backbones/csrc/dcnv4.cpp $(STAMP)
 	$(PY) -m backbones.kernel build --skip-without-compiler
 
 # Optional OpenMMLab stack (mmdet/mmseg integration): the prebuilt mmcv wheel where it exists.

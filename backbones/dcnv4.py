@@ -1,7 +1,10 @@
 """DCNv4 deformable aggregation in pure PyTorch, with the parameterisation of OpenGVLab's ``DCNv4`` module.
 
 Upstream DCNv4 is a CUDA-only op. This is the same computation written with ``F.grid_sample``, so it
-runs anywhere and official weights (HRVMamba's) load unchanged. For each output pixel and each of
+runs anywhere and official weights (HRVMamba's) load unchanged. On CPU, once the optional kernel library
+is built (``python -m backbones.kernel build``), float32/bfloat16/float16 tensors take the fused kernel
+(``backbones.kernel.dcnv4``) instead, forward and backward, except while torch.compile, export, ONNX or jit
+tracing runs. For each output pixel and each of
 ``group`` channel groups, the op reads ``P = kernel_size**2`` points (the regular kernel grid moved by
 learned offsets), samples the group's channels bilinearly there (zero outside the map) and sums them
 weighted by learned, unnormalised modulation scalars (DCNv4 drops DCNv3's softmax).
@@ -20,6 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import kernel as fused_kernel
+from .kernel.dcnv4 import MAX_KERNEL_SIZE, dcnv4_cpu
+from .ssm import is_tracing
 
 __all__ = ["DCNv4", "dcnv4_sample"]
 
@@ -50,6 +57,8 @@ def dcnv4_sample(value: Tensor, offset_mask: Tensor, group: int, kernel_size: in
     if offset_mask.shape[:3] != (batch, out_h, out_w) or offset_mask.shape[3] < group * 3 * num_points:
         raise ValueError(f"dcnv4_sample: offset_mask has shape {tuple(offset_mask.shape)}, expected "
                          f"({batch}, {out_h}, {out_w}, >= {group * 3 * num_points})")
+    if _runs_fused(value, offset_mask, kernel_size):
+        return dcnv4_cpu(value, offset_mask, group, kernel_size, stride, pad, dilation, offset_scale, remove_center)
     # Points first (batch, group, point, ...): grid_sample then writes each point's samples as one
     # contiguous (out_h, out_w) plane, and the masked sum over points adds whole planes (vectorised)
     # instead of reducing a strided innermost axis of length P.
@@ -75,6 +84,14 @@ def dcnv4_sample(value: Tensor, offset_mask: Tensor, group: int, kernel_size: in
     sampled = sampled.view(batch, group, channels // group, num_points, out_h, out_w)
     out = (sampled * mask.unsqueeze(2).to(sampled.dtype)).sum(3)
     return out.permute(0, 3, 4, 1, 2).reshape(batch, out_h, out_w, channels)
+
+
+def _runs_fused(value: Tensor, offset_mask: Tensor, kernel_size: int) -> bool:
+    """Whether the fused CPU kernel computes this aggregation (float64, empty and traced inputs stay on PyTorch)."""
+    return (kernel_size <= MAX_KERNEL_SIZE and value.device.type == "cpu" and offset_mask.device.type == "cpu"
+            and value.numel() > 0 and offset_mask.numel() > 0
+            and value.dtype != torch.float64 and offset_mask.dtype != torch.float64 and not is_tracing(value)
+            and not torch.onnx.is_in_onnx_export() and fused_kernel.available())
 
 
 class DCNv4(nn.Module):

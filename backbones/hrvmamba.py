@@ -10,7 +10,7 @@ stride-4 map throughout, which is what dense heads (pose heatmaps, segmentation)
 DVSS block (NCHW): ESInB (LayerNorm -> depthwise convs with kernels 3/5/7/9 on four channel groups ->
 channel shuffle -> GELU, plus the input), then x + DSS2D(LN(x)) and x + MLP(LN(x)). DSS2D is the
 shared ``SS2D`` (4-route cross scan, no z gate, d_state 1) with its depthwise conv replaced by a
-deformable ``DCNv4`` aggregation (``backbones.dcnv4``, pure PyTorch).
+deformable ``DCNv4`` aggregation (``backbones.dcnv4``: pure PyTorch, or the fused CPU kernel when built).
 
 Outputs: ``features_only=True`` gives the four branches (strides 4/8/16/32). The classifier fuses them
 with HRNet's classification neck (bottleneck per branch to 128/256/512/1024 channels, strided convs

@@ -1,4 +1,5 @@
-"""An independent float64 sequential selective scan, written from the recurrence, for parity tests."""
+"""Independent per-element references for parity tests: a float64 sequential selective scan written from the
+recurrence, and DCNv4's aggregation one output pixel, group and kernel point at a time."""
 
 from __future__ import annotations
 
@@ -76,3 +77,36 @@ def oracle_aligned_scan(u, delta, A, B, C, positions, D=None, z=None, delta_bias
                     out = out * zt / (1 + torch.exp(-zt))  # differentiable in z
                 y[b, d, t] = out
     return y
+
+
+def oracle_dcnv4(value, offset_mask, group, kernel_size, stride, pad, dilation, offset_scale, remove_center):
+    """DCNv4 as its CUDA kernel computes it: one output pixel, group and kernel point at a time."""
+    batch, height, width, channels = value.shape
+    per_group = channels // group
+    out_h, out_w = offset_mask.shape[1:3]
+    points = [(i, j) for i in range(kernel_size) for j in range(kernel_size)
+              if not (remove_center and i == kernel_size // 2 and j == kernel_size // 2)]
+    half = dilation * (kernel_size - 1) // 2
+    out = torch.zeros(batch, out_h, out_w, channels, dtype=value.dtype)
+    for n in range(batch):
+        for yo in range(out_h):
+            for xo in range(out_w):
+                for g in range(group):
+                    base = g * 3 * len(points)
+                    for p, (i, j) in enumerate(points):
+                        dx = float(offset_mask[n, yo, xo, base + 2 * p])
+                        dy = float(offset_mask[n, yo, xo, base + 2 * p + 1])
+                        weight = offset_mask[n, yo, xo, base + 2 * len(points) + p]
+                        x = xo * stride - pad + half - half * offset_scale + (i * dilation + dx) * offset_scale
+                        y = yo * stride - pad + half - half * offset_scale + (j * dilation + dy) * offset_scale
+                        if not (-1 < x < width and -1 < y < height):
+                            continue
+                        x0, y0 = math.floor(x), math.floor(y)
+                        for yy, xx, corner in ((y0, x0, (1 - (y - y0)) * (1 - (x - x0))),
+                                               (y0, x0 + 1, (1 - (y - y0)) * (x - x0)),
+                                               (y0 + 1, x0, (y - y0) * (1 - (x - x0))),
+                                               (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
+                            if 0 <= yy < height and 0 <= xx < width:
+                                out[n, yo, xo, g * per_group:(g + 1) * per_group] += (
+                                    weight * corner * value[n, yy, xx, g * per_group:(g + 1) * per_group])
+    return out

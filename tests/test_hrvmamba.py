@@ -4,8 +4,6 @@ pose backbone), features and weight-decay names: test_timm_contract."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import timm
 import torch
@@ -15,6 +13,7 @@ from backbones.dcnv4 import DCNv4, dcnv4_sample
 from backbones.hrvmamba import HRVMamba, channel_shuffle, checkpoint_filter_fn, rename_official_key
 from backbones.ss2d import RouteSSM
 from tests.official import hrvmamba_official_key
+from tests.oracle import oracle_dcnv4
 
 
 @pytest.mark.parametrize("name", ["hrvmamba_tiny", "hrvmamba_small", "hrvmamba_base"])
@@ -39,39 +38,6 @@ def test_forward_backward_odd_sizes_and_one_channel():
     assert timm.create_model("test_hrvmamba", num_classes=0)(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
-def _reference_dcnv4(value, offset_mask, group, kernel_size, stride, pad, dilation, offset_scale, remove_center):
-    """DCNv4 as its CUDA kernel computes it: one output pixel, group and kernel point at a time."""
-    batch, height, width, channels = value.shape
-    per_group = channels // group
-    out_h, out_w = offset_mask.shape[1:3]
-    points = [(i, j) for i in range(kernel_size) for j in range(kernel_size)
-              if not (remove_center and i == kernel_size // 2 and j == kernel_size // 2)]
-    half = dilation * (kernel_size - 1) // 2
-    out = torch.zeros(batch, out_h, out_w, channels, dtype=value.dtype)
-    for n in range(batch):
-        for yo in range(out_h):
-            for xo in range(out_w):
-                for g in range(group):
-                    base = g * 3 * len(points)
-                    for p, (i, j) in enumerate(points):
-                        dx = float(offset_mask[n, yo, xo, base + 2 * p])
-                        dy = float(offset_mask[n, yo, xo, base + 2 * p + 1])
-                        weight = offset_mask[n, yo, xo, base + 2 * len(points) + p]
-                        x = xo * stride - pad + half - half * offset_scale + (i * dilation + dx) * offset_scale
-                        y = yo * stride - pad + half - half * offset_scale + (j * dilation + dy) * offset_scale
-                        if not (-1 < x < width and -1 < y < height):
-                            continue
-                        x0, y0 = math.floor(x), math.floor(y)
-                        for yy, xx, corner in ((y0, x0, (1 - (y - y0)) * (1 - (x - x0))),
-                                               (y0, x0 + 1, (1 - (y - y0)) * (x - x0)),
-                                               (y0 + 1, x0, (y - y0) * (1 - (x - x0))),
-                                               (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
-                            if 0 <= yy < height and 0 <= xx < width:
-                                out[n, yo, xo, g * per_group:(g + 1) * per_group] += (
-                                    weight * corner * value[n, yy, xx, g * per_group:(g + 1) * per_group])
-    return out
-
-
 @pytest.mark.parametrize("kernel_size,stride,pad,dilation,offset_scale,remove_center", [
     (3, 1, 1, 1, 1.0, False), (3, 2, 1, 1, 0.5, False), (3, 1, 2, 2, 1.0, True), (2, 1, 0, 1, 1.0, False)])
 def test_dcnv4_sample_matches_per_point_bilinear_reference(kernel_size, stride, pad, dilation, offset_scale,
@@ -83,7 +49,7 @@ def test_dcnv4_sample_matches_per_point_bilinear_reference(kernel_size, stride, 
     out_w = (5 + 2 * pad - (dilation * (kernel_size - 1) + 1)) // stride + 1
     offset_mask = torch.randn(2, out_h, out_w, group * 3 * points + 5, dtype=torch.float64) * 1.5  # + padding
     args = (group, kernel_size, stride, pad, dilation, offset_scale, remove_center)
-    torch.testing.assert_close(dcnv4_sample(value, offset_mask, *args), _reference_dcnv4(value, offset_mask, *args))
+    torch.testing.assert_close(dcnv4_sample(value, offset_mask, *args), oracle_dcnv4(value, offset_mask, *args))
 
 
 def test_dcnv4_sample_gradients():

@@ -1,7 +1,8 @@
 """The fused CPU selective scan: build, load, and call ``csrc/selective_scan.cpp``.
 
 The same library holds Vim's fused causal conv + SiLU (``csrc/causal_conv.cpp``, wrapped in
-``backbones.kernel.conv``).
+``backbones.kernel.conv``) and HRVMamba's DCNv4 aggregation (``csrc/dcnv4.cpp``, wrapped in
+``backbones.kernel.dcnv4``).
 
 The kernel is optional. ``python -m backbones.kernel build`` compiles it (a few seconds, any C++17
 compiler with OpenMP) into ``backbones/_kernels/``, once per instruction-set level: ``avx512``
@@ -42,7 +43,8 @@ import torch
 from torch import Tensor
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-SOURCES = (PACKAGE_DIR / "csrc" / "selective_scan.cpp", PACKAGE_DIR / "csrc" / "causal_conv.cpp")  # one library
+SOURCES = (PACKAGE_DIR / "csrc" / "selective_scan.cpp", PACKAGE_DIR / "csrc" / "causal_conv.cpp",
+           PACKAGE_DIR / "csrc" / "dcnv4.cpp")  # one library
 BUILD_DIR = PACKAGE_DIR / "_kernels"
 MANIFEST = BUILD_DIR / "manifest.json"
 ISA_ENV = "MAMBALAB_SCAN_ISA"
