@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import ModuleType
 from typing import Iterable
 
 import lightning.pytorch as pl
@@ -58,3 +59,17 @@ class NanInBatch(pl.Callback):
     def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int,
                             dataloader_idx: int = 0) -> None:
         self._poison("test", batch, batch_idx)
+
+
+def record_calls(monkeypatch, module: ModuleType, name: str) -> list:
+    """Wrap ``module.name`` so that every call still runs it and appends its first argument's shape to the
+    returned list: which code path a model took (e.g. a fused kernel op as its caller's module sees it)."""
+    original = getattr(module, name)
+    calls = []
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls

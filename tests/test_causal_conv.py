@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from backbones import vim
 from backbones.kernel.conv import bidirectional_conv_silu, causal_conv_silu_cpu
+from tests.helpers import record_calls
 from tests.test_scan_fast import relative_error
 from tests.test_scan_kernel import assert_threads_and_levels_agree, isa, needs_kernel, no_kernel  # noqa: F401 (fixtures)
 
@@ -150,14 +151,7 @@ def test_opcheck(bias):
 
 def count_conv_calls(monkeypatch) -> list:
     """Record every call of the fused conv from Vim's mixer."""
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return bidirectional_conv_silu(*args)
-
-    monkeypatch.setattr(vim, "bidirectional_conv_silu", counted)
-    return calls
+    return record_calls(monkeypatch, vim, "bidirectional_conv_silu")
 
 
 @needs_kernel

@@ -18,7 +18,7 @@ import torch
 from backbones import dcnv4
 from backbones.dcnv4 import dcnv4_sample
 from backbones.kernel.dcnv4 import dcnv4_cpu, output_size
-from tests.helpers import GRADIENT_NOISE_FLOOR
+from tests.helpers import GRADIENT_NOISE_FLOOR, record_calls
 from tests.oracle import oracle_dcnv4
 from tests.test_scan_fast import relative_error
 from tests.test_scan_kernel import assert_threads_and_levels_agree, isa, needs_kernel, no_kernel  # noqa: F401 (fixtures)
@@ -157,14 +157,7 @@ def test_opcheck():
 
 def count_kernel_calls(monkeypatch) -> list:
     """Record every call of the fused DCNv4 from dcnv4_sample."""
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return dcnv4_cpu(*args)
-
-    monkeypatch.setattr(dcnv4, "dcnv4_cpu", counted)
-    return calls
+    return record_calls(monkeypatch, dcnv4, "dcnv4_cpu")
 
 
 def test_float64_and_empty_inputs_stay_on_the_pytorch_path(monkeypatch):
